@@ -44,8 +44,9 @@ __version__ = "0.1.0"
 __all__ = [
     "PicasError", "HTTPError", "NotFound", "Conflict", "Unauthorized",
     "ServerError", "ServerUnreachable", "BadResponse",
-    "Server", "Database",
-    "main",
+    "Server", "Database", "Document", "Task", "BasicTokenModifier",
+    "TaskViewIterator", "PrioritizedViewIterator", "EndlessViewIterator",
+    "RunActor", "execute", "main",
 ]
 
 import base64
@@ -55,6 +56,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import ssl
 import sys
@@ -850,17 +852,1870 @@ def _same_content(stored, written):
 
 
 ###############################################################################
+# Tokens ######################################################################
+###############################################################################
+#
+# A token is a CouchDB document with ``type: "token"``. Its state is defined
+# by the views of the design document ``Monitor`` (see STANDARD_VIEWS):
+#
+#                claim: PUT with the _rev seen in todo, answered 201
+#       +------+ ------------------------------------> +--------+
+#       | todo |   lock = claim time, pilot_id, claim_id  | locked |  heartbeat = time,
+#       +------+ <------------------------------------ +--------+  refreshed while running
+#   lock == 0       signal / interrupted pilot: back      |
+#   done == 0       to todo, scrub_count unchanged         | result: done = time, exit_code,
+#          ^                                               | logs_<id>.out/.err attached
+#          |                                               v
+#          |   scrub (failed, scrub_count < max_scrub,  +------+  exit_code == 0
+#          +----- or `reset`): lock = done = 0, -------- | done |
+#                  scrub_count + 1                       +------+
+#                                                       | error|  exit_code != 0
+#                                                       +------+
+#
+# Fields: type, lock, done, hostname, scrub_count, input, exit_code, error (a
+# list of {time, message, ...}), output, and the batch system's job id
+# (dirac_job_id, slurm_job_id, pbs_job_id, htcondor_job_id, cream_job_id,
+# wms_job_id). picas.py adds pilot_id (who holds the lock), claim_id (unique
+# per claim, so two claims never write identical revisions) and heartbeat
+# (unix time, refreshed while the task runs; a token whose heartbeat stops
+# moving belongs to a dead pilot).
+
+#: Fields every token has; a token pushed without them gets these values.
+TOKEN_DEFAULTS = {"type": "token", "lock": 0, "done": 0, "hostname": "",
+                  "scrub_count": 0, "input": "", "exit_code": "", "error": []}
+
+#: Fields that describe one claim: removed when a token goes back to todo.
+_CLAIM_FIELDS = ("pilot_id", "claim_id", "heartbeat")
+
+_VIEW_TEMPLATE = ('function(doc) {\n   if(doc.type == "token") {\n    if(%s) {\n'
+                  '      emit(doc._id, doc._id);\n    }\n  }\n}\n')
+_STATE_CONDITIONS = [
+    ("todo", "doc.lock == 0 && doc.done == 0"),
+    ("locked", "doc.lock > 0 && doc.done == 0"),
+    ("done", "doc.lock > 0 && doc.done > 0 && parseInt(doc.exit_code) == 0"),
+    ("error", "doc.lock > 0 && doc.done > 0 && parseInt(doc.exit_code) != 0"),
+]
+_OVERVIEW_REDUCE = "function (key, values, rereduce) {\n   return sum(values);\n}\n"
+
+
+def standard_views(condition=None):
+    """Return the standard PiCaS views: todo, locked, done, error, overview_total.
+
+    The map functions are the ones upstream's ``create_views.py`` writes, so
+    an existing ``Monitor`` design document stays untouched. ``condition`` is
+    an extra JavaScript condition ANDed into every view (``"doc.cores == 1"``).
+    """
+    extra = " && (%s)" % condition if condition else ""
+    views = {}
+    lines = []
+    for name, cond in _STATE_CONDITIONS:
+        views[name] = {"map": _VIEW_TEMPLATE % (cond + extra)}
+        lines.append("    if(%s) {\n      emit('%s', 1);\n    }\n" % (cond + extra, name))
+    views["overview_total"] = {
+        "map": 'function(doc) {\n   if(doc.type == "token") {\n%s  }\n}\n' % "".join(lines),
+        "reduce": _OVERVIEW_REDUCE}
+    return views
+
+
+def _js_number(value):
+    """Return ``value`` as JavaScript's ``==`` with a number would see it, or None."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return 0
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return None
+
+
+def _parse_int(value):
+    """JavaScript's parseInt(), as the views apply it to exit_code; None for NaN."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value == value and abs(value) != float("inf") else None
+    if isinstance(value, str):
+        text = value.strip()
+        digits = ""
+        for i, char in enumerate(text):
+            if char.isdigit() or (i == 0 and char in "+-"):
+                digits += char
+            else:
+                break
+        try:
+            return int(digits)
+        except ValueError:
+            return None
+    return None
+
+
+def token_state(doc):
+    """Return the state the standard views give ``doc``: 'todo', 'locked', 'done', 'error' or None."""
+    if not isinstance(doc, dict) or doc.get("type") != "token":
+        return None
+    lock, done = _js_number(doc.get("lock")), _js_number(doc.get("done"))
+    if lock is None or done is None:
+        return None
+    if lock == 0 and done == 0:
+        return "todo"
+    if lock > 0 and done == 0:
+        return "locked"
+    if lock > 0 and done > 0:
+        return "done" if _parse_int(doc.get("exit_code")) == 0 else "error"
+    return None
+
+
+def _now():
+    return int(time.time())
+
+
+def job_ids(environ=None):
+    """Return the batch system job ids found in the environment, as token fields.
+
+    DIRAC, gLite WMS, CREAM, PBS/Torque, SLURM (array jobs as
+    ``JOBID_TASKID``) and HTCondor (``ClusterId.ProcId`` from the job ad).
+    """
+    env = os.environ if environ is None else environ
+    ids = {}
+    if env.get("DIRACJOBID"):
+        ids["dirac_job_id"] = env["DIRACJOBID"]
+    if env.get("GLITE_WMS_JOBID", "").startswith("http"):
+        ids["wms_job_id"] = env["GLITE_WMS_JOBID"]
+    if env.get("CREAM_JOBID"):
+        ids["cream_job_id"] = env["CREAM_JOBID"]
+    if env.get("PBS_JOBID"):
+        ids["pbs_job_id"] = env["PBS_JOBID"]
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        ids["slurm_job_id"] = "%s_%s" % (env["SLURM_ARRAY_JOB_ID"], env["SLURM_ARRAY_TASK_ID"])
+    elif env.get("SLURM_JOB_ID"):
+        ids["slurm_job_id"] = env["SLURM_JOB_ID"]
+    condor = _htcondor_job_id(env.get("_CONDOR_JOB_AD"))
+    if condor:
+        ids["htcondor_job_id"] = condor
+    return ids
+
+
+_JOB_ID_FIELDS = ("dirac_job_id", "wms_job_id", "cream_job_id", "pbs_job_id",
+                  "slurm_job_id", "htcondor_job_id")
+
+
+def _htcondor_job_id(ad_path):
+    """Read ``ClusterId.ProcId`` from an HTCondor job ad file, or None."""
+    if not ad_path:
+        return None
+    fields = {}
+    try:
+        with open(ad_path) as fh:
+            for line in fh:
+                name, sep, value = line.partition("=")
+                if sep and name.strip() in ("ClusterId", "ProcId"):
+                    fields[name.strip()] = value.strip().strip('"')
+    except (OSError, UnicodeDecodeError):
+        return None
+    if "ClusterId" in fields:
+        return "%s.%s" % (fields["ClusterId"], fields.get("ProcId", "0"))
+    return None
+
+
+class Document(dict):
+    """A CouchDB document: a dict with ``id``/``rev`` and attachment helpers.
+
+    Upstream picas' Document wrapped a dict in ``.doc``/``.value``; both
+    still work and return the document itself.
+    """
+
+    def __init__(self, data=None, base=None):
+        dict.__init__(self, json.loads(json.dumps(base)) if base else {})
+        if data:
+            self.update(data)
+
+    @property
+    def id(self):
+        try:
+            return self["_id"]
+        except KeyError:
+            raise AttributeError("document has no _id yet")
+
+    @id.setter
+    def id(self, value):
+        self["_id"] = value
+
+    @property
+    def rev(self):
+        try:
+            return self["_rev"]
+        except KeyError:
+            raise AttributeError("document has no _rev: it was never saved")
+
+    @property
+    def value(self):
+        return self
+
+    doc = value
+
+    def put_attachment(self, name, data, mimetype=None):
+        """Attach ``data`` (bytes or str) under ``name``; stored with the next save."""
+        if mimetype is None:
+            import mimetypes
+            mimetype = mimetypes.guess_type(name)[0] or "text/plain"
+        inline_attachment(self, name, data, mimetype)
+
+    def get_attachment(self, name, retrieve_from_database=None):
+        """Return ``{"content_type": ..., "data": bytes}`` for attachment ``name``.
+
+        An attachment that is only a stub here is read from
+        ``retrieve_from_database`` (a Database) when given.
+        """
+        info = dict(self.get("_attachments", {})[name])
+        if "data" in info:
+            info["data"] = base64.b64decode(info["data"])
+        elif retrieve_from_database is not None:
+            db = getattr(retrieve_from_database, "db", retrieve_from_database)
+            info["data"] = db.get_attachment(self, name)
+        return info
+
+    def remove_attachment(self, name):
+        del self.get("_attachments", {})[name]
+
+
+class Task(Document):
+    """A token, with the life-cycle methods of upstream picas' ``Task``.
+
+    A new Task has every standard field and ``type: "token"`` (upstream used
+    ``"task"``, which no standard view shows).
+    """
+
+    def __init__(self, task=None):
+        # A stored document (with _rev) is taken as it is; a new one gets the defaults.
+        base = None if task and "_rev" in task else dict(TOKEN_DEFAULTS, output={}, uploads={})
+        Document.__init__(self, task, base)
+        if "_id" not in self:
+            self["_id"] = "task_" + new_id()
+
+    def lock(self):
+        self["lock"] = _now()
+        self["hostname"] = socket.gethostname()
+        self.update(job_ids())
+        return self
+
+    def done(self):
+        self["done"] = _now()
+        return self
+
+    def scrub(self):
+        """Send the token back to todo: lock = done = 0, scrub_count + 1."""
+        self["scrub_count"] = int(self.get("scrub_count") or 0) + 1
+        self["lock"] = self["done"] = 0
+        for field in _JOB_ID_FIELDS + _CLAIM_FIELDS:
+            self.pop(field, None)
+        return self
+
+    def error(self, msg=None, exception=None):
+        """Record an error: an entry in ``error`` and a state the error view shows.
+
+        Upstream set lock = done = 99, which the views did not always show as
+        an error; here lock and done stay times and a zero or missing
+        exit_code becomes 1.
+        """
+        entry = {"time": _now(), "message": msg or (repr(exception) if exception else "error")}
+        if exception is not None:
+            import traceback
+            entry["exception"] = "".join(traceback.format_exception(
+                type(exception), exception, exception.__traceback__))
+        errors = self.get("error")
+        if not isinstance(errors, list):
+            errors = [] if errors in (None, "") else [errors]
+        errors.append(entry)
+        self["error"] = errors
+        now = _now()
+        if not _js_number(self.get("lock")):
+            self["lock"] = now
+        if not _js_number(self.get("done")):
+            self["done"] = now
+        if _parse_int(self.get("exit_code")) in (0, None):
+            self["exit_code"] = 1
+        return self
+
+    def has_error(self):
+        return token_state(self) == "error"
+
+    def get_errors(self):
+        return self.get("error") or []
+
+    def is_done(self):
+        return bool(_js_number(self.get("done")))
+
+    @property
+    def input(self):
+        return self.get("input")
+
+    @input.setter
+    def input(self, value):
+        self["input"] = value
+
+    @property
+    def output(self):
+        return self.get("output")
+
+    @output.setter
+    def output(self, value):
+        self["output"] = value
+
+    @property
+    def uploads(self):
+        return self.get("uploads")
+
+
+###############################################################################
+# Modifiers ###################################################################
+###############################################################################
+
+class BasicTokenModifier(object):
+    """Change a token's state in memory (save it afterwards), as upstream did.
+
+    Works on any dict. ``scrub`` also resets ``done`` (upstream's did not, so
+    a scrubbed finished token never came back).
+    """
+
+    def __init__(self, timeout=86400):
+        self.timeout = timeout
+
+    def lock(self, token):
+        token["hostname"] = socket.gethostname()
+        token["lock"] = _now()
+        token.update(job_ids())
+        return token
+
+    def unlock(self, token):
+        token["hostname"] = socket.gethostname()
+        token["lock"] = 0
+        for field in _JOB_ID_FIELDS + _CLAIM_FIELDS:
+            token.pop(field, None)
+        return token
+
+    def close(self, token):
+        token["done"] = _now()
+        return token
+
+    def unclose(self, token):
+        token["done"] = 0
+        for field in _JOB_ID_FIELDS:
+            token.pop(field, None)
+        return token
+
+    def add_output(self, token, output):
+        token.update(output)
+        return token
+
+    def scrub(self, token):
+        token["scrub_count"] = int(token.get("scrub_count") or 0) + 1
+        self.unlock(token)
+        token["done"] = 0
+        return token
+
+    def set_error(self, token, msg=None):
+        Task.error(token, msg or "set_error")
+        return token
+
+
+###############################################################################
+# Claiming and iterators ######################################################
+###############################################################################
+
+def new_pilot_id():
+    """Return a pilot id: host, process id and a random part (unique per pilot)."""
+    return "%s:%d:%s" % (socket.gethostname(), os.getpid(), new_id()[:8])
+
+
+class ClaimStats(object):
+    """Counts of one claimer's work, for logs and benchmarks."""
+
+    def __init__(self):
+        self.claims = 0          # tokens claimed (lock write answered 201)
+        self.conflicts = 0       # lock writes answered 409: someone was faster
+        self.accepted = 0        # lock writes answered 202: not a claim (cluster)
+        self.skipped = 0         # view rows that were not claimable tokens
+        self.view_reads = 0
+
+    def __repr__(self):
+        return "ClaimStats(%s)" % ", ".join("%s=%d" % kv for kv in sorted(vars(self).items()))
+
+
+class _Claimer(object):
+    """Claims todo tokens from one view with a compare-and-set per claim.
+
+    A view read (``include_docs``) returns a window of candidates at a random
+    position in the view, so that many pilots starting together spread over
+    the tokens. Each candidate is checked (``lock == 0 and done == 0`` on the
+    returned document: a view row can be older than its document) and locked
+    with a PUT carrying the revision that was seen in todo. Only a 201 answer
+    is a claim: a CouchDB cluster answers 202 when a write reached fewer
+    copies than its quorum, and then another pilot may hold the token. A 409
+    means another pilot was faster: try another candidate after a short,
+    jittered pause. One view read serves several claims while it is fresh.
+    """
+
+    #: Rows fetched per view read.
+    window = 16
+    #: Seconds a view read is used for more claims.
+    window_age = 10.0
+    #: The largest random ``skip`` used to spread pilots (skip costs grow with it).
+    max_skip = 1000
+
+    def __init__(self, db, view, design_doc="Monitor", pilot_id=None, **view_params):
+        self.db = db
+        self.view_name = view if "/" in view else "%s/%s" % (design_doc, view)
+        self.view_params = view_params
+        self.pilot_id = pilot_id or new_pilot_id()
+        self.stats = ClaimStats()
+        self.stop = None            # callable: true when claiming must stop now
+        self.lock_fields = {}       # written with every lock (heartbeat_interval)
+        self._candidates = []
+        self._fetched = 0.0
+        self._total = None          # rows in the view at the last read
+
+    def claim(self):
+        """Claim one token and return it as a :class:`Task`, or None when the view is empty."""
+        misses = 0
+        while True:
+            if self.stop is not None and self.stop():
+                return None
+            if not self._candidates or misses >= 3 or \
+                    time.time() - self._fetched > self.window_age:
+                if not self._read_window() and not self._read_window(at_start=True):
+                    return None
+                misses = 0
+            doc = self._candidates.pop(random.randrange(len(self._candidates)))
+            token = self._lock(doc)
+            if token is not None:
+                return token
+            misses += 1
+            if misses > 1:
+                time.sleep(random.uniform(0, min(1.0, 0.01 * 2 ** misses)))
+
+    def _read_window(self, at_start=False):
+        params = dict(self.view_params, include_docs=True, reduce=False)
+        limit = int(params.pop("limit", 0) or 0) or self.window
+        skip = 0
+        if not at_start and self._total and self._total > limit:
+            skip = random.randint(0, min(self._total - limit, self.max_skip))
+        result = self.db.view(self.view_name, limit=limit, skip=skip or None, **params)
+        self.stats.view_reads += 1
+        self._total = result.get("total_rows")
+        self._candidates = [row.get("doc") for row in result.get("rows", [])]
+        self._fetched = time.time()
+        return bool(self._candidates)
+
+    def _lock(self, doc):
+        if token_state(doc) != "todo":
+            if doc is not None and doc.get("type") != "token":
+                log.warning("view %s returned %r, which is not a token (no type: \"token\"); "
+                            "skipped", self.view_name, doc.get("_id"))
+            self.stats.skipped += 1
+            return None
+        token = Task(doc)
+        token.lock()
+        token["pilot_id"] = self.pilot_id
+        token["claim_id"] = new_id()
+        token["heartbeat"] = token["lock"]
+        token.update(self.lock_fields)
+        try:
+            status, _, result = self.db.request(
+                "PUT", "/" + _quote_id(token["_id"]), body=token, retry=True)
+        except Conflict as exc:
+            if exc.ambiguous:
+                # The answer to our first attempt was lost: was the lock ours?
+                current = self.db.get(token["_id"])
+                if current is not None and current.get("claim_id") == token["claim_id"]:
+                    token["_rev"] = current["_rev"]
+                    self.stats.claims += 1
+                    return token
+            self.stats.conflicts += 1
+            return None
+        except NotFound:
+            self.stats.skipped += 1          # deleted since the view was read
+            return None
+        if status != 201:
+            # 202: the write reached fewer copies than the cluster's quorum, so
+            # another pilot may own this token. Neither run it nor write to it.
+            self.stats.accepted += 1
+            log.info("lock of %s answered %d, not 201: not a claim; trying another token",
+                     token["_id"], status)
+            return None
+        token["_rev"] = result["rev"]
+        self.stats.claims += 1
+        return token
+
+
+class ViewIterator(object):
+    """Base of the token iterators: ``stop()``, ``is_stopped()``, ``reset()``."""
+
+    def __init__(self):
+        self._stop = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._stop:
+            raise StopIteration
+        task = self.claim_task()
+        if task is None:
+            raise StopIteration
+        return task
+
+    next = __next__
+
+    def claim_task(self):
+        raise NotImplementedError
+
+    def stop(self):
+        self._stop = True
+
+    def is_stopped(self):
+        return self._stop
+
+    def reset(self):
+        self._stop = False
+
+
+class TaskViewIterator(ViewIterator):
+    """Yield locked tokens (:class:`Task`) from view ``view`` until it is empty.
+
+    ``view`` is a view name in ``design_doc`` (default ``Monitor``) or a full
+    ``"Design/view"``; other keyword arguments are view parameters. Every
+    yielded token was claimed by this iterator's pilot (see :class:`_Claimer`).
+    """
+
+    def __init__(self, database, view="todo", design_doc="Monitor", pilot_id=None, **view_params):
+        ViewIterator.__init__(self)
+        self.database = database
+        self.view = view
+        self._claimer = _Claimer(database, view, design_doc, pilot_id, **view_params)
+
+    @property
+    def pilot_id(self):
+        return self._claimer.pilot_id
+
+    @property
+    def stats(self):
+        return self._claimer.stats
+
+    def _configure(self, stop_check, lock_fields):
+        self._claimer.stop = stop_check
+        self._claimer.lock_fields = lock_fields
+
+    def claim_task(self):
+        return self._claimer.claim()
+
+    def reconnect(self, database):
+        self.database = self._claimer.db = database
+
+
+class PrioritizedViewIterator(ViewIterator):
+    """Claim from ``high_priority_view`` first, and from ``low_priority_view`` when it is empty."""
+
+    def __init__(self, database, high_priority_view, low_priority_view, design_doc="Monitor",
+                 pilot_id=None, **view_params):
+        ViewIterator.__init__(self)
+        self.database = database
+        pilot_id = pilot_id or new_pilot_id()
+        self._high = _Claimer(database, high_priority_view, design_doc, pilot_id, **view_params)
+        self._low = _Claimer(database, low_priority_view, design_doc, pilot_id, **view_params)
+
+    @property
+    def pilot_id(self):
+        return self._high.pilot_id
+
+    @property
+    def stats(self):
+        merged = ClaimStats()
+        for claimer in (self._high, self._low):
+            for name, value in vars(claimer.stats).items():
+                setattr(merged, name, getattr(merged, name) + value)
+        return merged
+
+    def _configure(self, stop_check, lock_fields):
+        for claimer in (self._high, self._low):
+            claimer.stop = stop_check
+            claimer.lock_fields = lock_fields
+
+    def claim_task(self):
+        return self._high.claim() or self._low.claim()
+
+    def reconnect(self, database):
+        self.database = self._high.db = self._low.db = database
+
+
+class EndlessViewIterator(ViewIterator):
+    """Wrap another iterator and wait for new work instead of stopping when it is empty.
+
+    The wait starts at ``sleep_sec`` and doubles (with jitter) up to
+    ``max_sleep_sec``; it is reset once work turns up. Iteration stops when
+    ``stop()`` is called or ``stop_callback(**stop_callback_args)`` is true.
+    """
+
+    def __init__(self, view_iterator, sleep_sec=10, stop_callback=None, max_sleep_sec=60,
+                 **stop_callback_args):
+        ViewIterator.__init__(self)
+        self.iterator = view_iterator
+        self.sleep_sec = sleep_sec
+        self.max_sleep_sec = max(max_sleep_sec, sleep_sec)
+        self.stop_callback = stop_callback
+        self.stop_callback_args = stop_callback_args
+        self._extra_stop = None
+
+    @property
+    def database(self):
+        return self.iterator.database
+
+    @property
+    def pilot_id(self):
+        return self.iterator.pilot_id
+
+    @property
+    def stats(self):
+        return self.iterator.stats
+
+    def _configure(self, stop_check, lock_fields):
+        self._extra_stop = stop_check
+        self.iterator._configure(stop_check, lock_fields)
+
+    def _stopping(self):
+        if self._stop or (self._extra_stop is not None and self._extra_stop()):
+            return True
+        return bool(self.stop_callback is not None and
+                    self.stop_callback(**self.stop_callback_args))
+
+    def claim_task(self):
+        delay = self.sleep_sec
+        while not self._stopping():
+            task = self.iterator.claim_task()
+            if task is not None:
+                return task
+            self.iterator.reset()
+            log.debug("no work in the view; checking again in %.0f s", delay)
+            deadline = time.time() + random.uniform(0.75 * delay, delay)
+            while time.time() < deadline and not self._stopping():
+                time.sleep(min(0.5, max(0.0, deadline - time.time())))
+            delay = min(self.max_sleep_sec, delay * 2)
+        return None
+
+    def reconnect(self, database):
+        self.iterator.reconnect(database)
+
+
+###############################################################################
+# Running tasks: process groups, timeouts, logs ###############################
+###############################################################################
+
+#: Seconds between SIGTERM and SIGKILL when a task is stopped (below SLURM's
+#: default KillWait of 30 s, so the pilot still has time to save the token).
+DEFAULT_GRACE = 10.0
+#: Bytes of each log kept in the token: the head and the tail, with a marker.
+DEFAULT_LOG_LIMIT = 1024 * 1024
+
+
+class TaskTimeout(BaseException):
+    """Raised inside ``process_task`` when ``max_token_time`` has passed.
+
+    A BaseException, so that ``except Exception`` in user code cannot swallow it.
+    """
+
+
+class PilotInterrupted(BaseException):
+    """Raised inside ``process_task`` when the pilot received a stop signal."""
+
+    def __init__(self, signum):
+        BaseException.__init__(self, "interrupted by signal %d" % signum)
+        self.signum = signum
+
+
+_WATCHDOG_CODE = """
+import os, signal, sys
+for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGXCPU", "SIGALRM"):
+    if hasattr(signal, name):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:
+    try:
+        (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+    except ValueError:
+        pass
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class _Watchdog(object):
+    """A tiny helper process that kills the pilot's task process groups when the pilot dies.
+
+    The pilot tells it, over a pipe, which process groups are running. When
+    the pipe closes -- the pilot exited, or was killed with SIGKILL, which no
+    handler can catch -- it kills every group still registered. So no task
+    outlives its pilot, grandchildren included.
+    """
+
+    _instance = None
+    _pid = None
+
+    @classmethod
+    def get(cls):
+        if cls._instance is None or cls._pid != os.getpid():
+            cls._instance, cls._pid = None, os.getpid()
+            import subprocess
+            if sys.executable and hasattr(os, "killpg"):
+                try:
+                    cls._instance = subprocess.Popen(
+                        [sys.executable, "-I", "-S", "-c", _WATCHDOG_CODE],
+                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL, close_fds=True)
+                except OSError as exc:
+                    log.warning("could not start the task watchdog (%s): tasks may outlive "
+                                "a killed pilot", exc)
+        return cls._instance
+
+    @classmethod
+    def tell(cls, line):
+        proc = cls.get()
+        if proc is None:
+            return
+        try:
+            proc.stdin.write(line.encode("ascii"))
+            proc.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _signal_exit_code(returncode):
+    """Map Popen's returncode (negative for signals) to the shell's convention, 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _stop_group(proc, grace):
+    """SIGTERM the task's whole process group; SIGKILL whatever is left after ``grace`` s."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except OSError:
+        pass
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        if proc.poll() is not None and not _group_alive(pgid):
+            break
+        time.sleep(0.05)
+    else:
+        log.warning("task process group %d still alive %.0f s after SIGTERM: sending SIGKILL",
+                    pgid, grace)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait()
+
+
+def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAULT_GRACE,
+                shell=False):
+    """Run ``argv`` in its own process group and return its exit code.
+
+    ``stdout``/``stderr`` are open files (or None to inherit). The task gets
+    no stdin. Death by signal N is returned as 128 + N. If anything
+    interrupts the wait -- a timeout, a stop signal, an exception -- the whole
+    process group, grandchildren included, gets SIGTERM and, after ``grace``
+    seconds, SIGKILL, before the exception goes on. Processes the task left
+    running in its group when it exits are stopped the same way.
+    """
+    import subprocess
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            cwd=cwd, env=env, shell=shell, start_new_session=True,
+                            close_fds=True)
+    _Watchdog.tell("+%d\n" % proc.pid)
+    try:
+        try:
+            returncode = proc.wait()
+        except BaseException:
+            _stop_group(proc, grace)
+            raise
+        if _group_alive(proc.pid):
+            log.info("the task left processes running in its process group; stopping them")
+            _stop_group(proc, grace)
+    finally:
+        _Watchdog.tell("-%d\n" % proc.pid)
+    return _signal_exit_code(returncode)
+
+
+def execute(args, shell=False):
+    """Run a command and return ``(proc, returncode, stdout, stderr)``, as upstream did.
+
+    Output is collected through temporary files (no pipe can fill up) and
+    returned as bytes. The command runs in its own process group, so a
+    timeout or stop signal kills it with everything it started.
+    """
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        returncode = run_command(args, stdout=out, stderr=err, shell=shell)
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(args, returncode)
+        return proc, returncode, out.read(), err.read()
+
+
+def read_log(path, limit=DEFAULT_LOG_LIMIT):
+    """Return the file at ``path`` as bytes, at most ``limit`` of them.
+
+    A longer file keeps its first quarter and last three quarters of the
+    limit, with a line in between saying how much was cut.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return b""
+    with open(path, "rb") as fh:
+        if size <= limit:
+            return fh.read()
+        head = fh.read(limit // 4)
+        fh.seek(size - (limit - limit // 4))
+        tail = fh.read()
+    marker = ("\n[... picas.py cut %d bytes from the middle of this log ...]\n"
+              % (size - len(head) - len(tail))).encode("ascii")
+    return head + marker + tail
+
+
+###############################################################################
+# The actor loop ##############################################################
+###############################################################################
+
+#: Seconds between heartbeats of a running token (0 switches them off).
+DEFAULT_HEARTBEAT = 300.0
+#: Signals that make a pilot stop: finish nothing new, give the running
+#: token back, clean up, and exit with 128 + the signal number.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in
+                     ("SIGTERM", "SIGINT", "SIGUSR1", "SIGXCPU") if hasattr(signal, name))
+#: Seconds a pilot keeps trying to save a result through a server outage
+#: before it writes the result to a local file instead.
+RESULT_SAVE_PATIENCE = 3600.0
+
+
+class _Lease(object):
+    """The running token: its revision, and the heartbeat that keeps it fresh.
+
+    Every write to the token while it runs goes through here, so the pilot
+    always knows the revision it last wrote itself. ``lost`` is set to the
+    document found when the token was reset or taken by someone else.
+    """
+
+    def __init__(self, db, token, interval):
+        self.db = db
+        self.claimed = Task(dict(token))
+        self.rev = token["_rev"]
+        self.interval = interval
+        self.lost = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        if interval and interval > 0:
+            self._thread = threading.Thread(target=self._beat_loop, name="picas-heartbeat")
+            self._thread.daemon = True
+            self._thread.start()
+
+    def _beat_loop(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+            except Exception as exc:           # never let the heartbeat kill the pilot
+                log.warning("heartbeat of %s failed: %s", self.claimed["_id"], exc)
+            if self.lost is not None:
+                return
+
+    def beat(self):
+        """Write ``heartbeat = now`` to the token, on the revision this pilot wrote last."""
+        with self._lock:
+            if self.lost is not None:
+                return
+            body = dict(self.claimed, heartbeat=_now(), _rev=self.rev)
+            try:
+                self.db.save(body)
+            except Conflict:
+                current = self.db.get(body["_id"])
+                if self.owns(current):
+                    self.rev = current["_rev"]     # someone edited another field; go on
+                    return
+                self.lost = current or {}
+                log.warning("token %s was reset or taken by someone else while this pilot "
+                            "ran it; the result will be kept in its error list", body["_id"])
+                return
+            self.rev = body["_rev"]
+            self.claimed["heartbeat"] = body["heartbeat"]
+
+    def owns(self, current):
+        return (current is not None and current.get("claim_id") == self.claimed.get("claim_id")
+                and token_state(current) == "locked")
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+class RunActor(object):
+    """The pilot: claim tokens one by one, run them, save the results.
+
+    Subclass it and override ``process_task(token)``; the token is a
+    :class:`Task` (a dict). Set ``token["exit_code"]`` and add output and
+    attachments there; the actor saves the token after ``process_task``
+    returns. The other hooks, ``prepare_env``, ``prepare_run``,
+    ``cleanup_run`` and ``cleanup_env``, do nothing unless overridden.
+
+    ``db`` is a :class:`Database`; ``iterator`` defaults to a
+    :class:`TaskViewIterator` over ``view`` in ``design_doc``;
+    ``token_reset_values`` are the (lock, done) an interrupted token gets
+    back (default todo); ``heartbeat`` is the seconds between heartbeats.
+
+    Guarantees:
+
+    * A token is run only after this pilot's lock write was answered 201.
+    * ``max_token_time`` interrupts ``process_task`` (SIGALRM) and kills the
+      task's whole process group (SIGTERM, SIGKILL after ``grace``); the token
+      gets exit_code 124 and an entry in ``error``.
+    * SIGTERM, SIGINT, SIGUSR1 and SIGXCPU stop the pilot: no new claim, the
+      running task is stopped, its token goes back to todo (not counted as a
+      scrub), ``cleanup_env`` runs, and ``run`` raises ``SystemExit(128 + N)``.
+      A token whose result was saved is never sent back.
+    * A result that meets a conflict is re-applied while the token is still
+      this pilot's; otherwise it goes into the token's ``error`` list; if the
+      server stays unreachable it is written to a local JSON file. It is
+      never dropped.
+    """
+
+    def __init__(self, db, iterator=None, view="todo", token_reset_values=(0, 0),
+                 design_doc="Monitor", heartbeat=DEFAULT_HEARTBEAT, grace=DEFAULT_GRACE,
+                 **view_params):
+        self.db = db
+        if iterator is None:
+            iterator = TaskViewIterator(db, view, design_doc=design_doc, **view_params)
+        self.iterator = iterator
+        self.token_reset_values = token_reset_values
+        self.heartbeat = heartbeat
+        self.grace = grace
+        self.current_task = None
+        self.tasks_processed = 0
+        self.subprocess = None
+        self.stop_signal = None
+        self._phase = "idle"
+        self._lease = None
+
+    @property
+    def pilot_id(self):
+        return getattr(self.iterator, "pilot_id", None)
+
+    # -- hooks --------------------------------------------------------------
+
+    def prepare_env(self, *args, **kwargs):
+        """Called once before the first claim."""
+
+    def prepare_run(self, *args, **kwargs):
+        """Called after each claim, before ``process_task``."""
+
+    def process_task(self, task):
+        """Do the work of one token. Override this."""
+        raise NotImplementedError("subclass RunActor and define process_task(self, token)")
+
+    def cleanup_run(self, *args, **kwargs):
+        """Called after each token's result was saved."""
+
+    def cleanup_env(self, *args, **kwargs):
+        """Called once at the end, also after a stop signal."""
+
+    # -- the loop -----------------------------------------------------------
+
+    def run(self, max_token_time=None, max_total_time=None, max_tasks=None, max_scrub=0,
+            stop_function=None, **stop_function_args):
+        """Process tokens until the view is empty or a stop criterion holds.
+
+        No new token is claimed once ``max_tasks`` tokens were processed,
+        ``max_total_time`` seconds have passed, fewer than ``max_token_time``
+        seconds of ``max_total_time`` remain (a token that cannot finish is not
+        started), or ``stop_function(**stop_function_args)`` is true. A failed
+        token with ``scrub_count < max_scrub`` goes back to todo with
+        ``scrub_count + 1``.
+        """
+        self._start = time.time()
+        self._limits = (max_token_time, max_total_time, max_tasks, stop_function,
+                        stop_function_args)
+        self._max_scrub = max_scrub or 0
+        self._max_token_time = max_token_time
+        if hasattr(self.iterator, "_configure"):
+            self.iterator._configure(lambda: not self._may_claim(),
+                                     {"heartbeat_interval": self.heartbeat or 0})
+        saved = self._install_signal_handlers()
+        try:
+            self.prepare_env()
+            while self._may_claim():
+                self._phase = "claiming"
+                try:
+                    task = next(self.iterator)
+                except StopIteration:
+                    break
+                finally:
+                    self._phase = "idle"
+                self._process(task)
+        finally:
+            self._phase = "stopping"
+            try:
+                self.cleanup_env()
+            finally:
+                self._restore_signal_handlers(saved)
+        if self.stop_signal is not None:
+            raise SystemExit(128 + self.stop_signal)
+
+    def _may_claim(self):
+        max_token_time, max_total_time, max_tasks, stop_function, kwargs = self._limits
+        if self.stop_signal is not None:
+            return False
+        if max_tasks and self.tasks_processed >= max_tasks:
+            return False
+        if max_total_time is not None:
+            remaining = max_total_time - (time.time() - self._start)
+            if remaining <= 0 or (max_token_time and remaining < max_token_time):
+                log.info("stopping: %.0f s of max_total_time left, max_token_time is %s s",
+                         max(0, remaining), max_token_time)
+                return False
+        if stop_function is not None and stop_function(**kwargs):
+            return False
+        return True
+
+    def _process(self, task):
+        """Run one claimed token and save its result (or give it back)."""
+        self.current_task = task
+        lease = self._lease = _Lease(self.db, task, self.heartbeat)
+        outcome = "finished"
+        try:
+            if self.stop_signal is not None:
+                outcome = "interrupted"          # the signal came while claiming
+            else:
+                outcome = self._run_hooks(task)
+        finally:
+            lease.stop()
+            self._lease = None
+            self.subprocess = None
+        if outcome == "interrupted":
+            self._give_back(task, lease)
+        else:
+            self._finish(task, lease)
+            self.cleanup_run()
+            self.tasks_processed += 1
+        self.current_task = None
+
+    def _run_hooks(self, task):
+        """Call prepare_run and process_task under the timeout; return the outcome."""
+        timer = self._max_token_time
+        self._phase = "running"
+        try:
+            if timer and hasattr(signal, "setitimer"):
+                signal.setitimer(signal.ITIMER_REAL, timer)
+            self.prepare_run()
+            self.process_task(task)
+            self._phase = "saving"
+            return "finished"
+        except TaskTimeout:
+            self._phase = "saving"
+            log.warning("token %s: timed out after %s s (max_token_time)", task["_id"], timer)
+            task.error("timed out after %s s (max_token_time); the task was killed" % timer)
+            task["exit_code"] = 124
+            return "timeout"
+        except PilotInterrupted:
+            self._phase = "saving"
+            return "interrupted"
+        except Exception as exc:
+            self._phase = "saving"
+            log.exception("token %s: process_task raised %r", task["_id"], exc)
+            task.error("process_task raised %r" % (exc,), exc)
+            return "failed"
+        finally:
+            self._phase = "saving"
+            if timer and hasattr(signal, "setitimer"):
+                signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def finishing(self):
+        """Tell the actor the task's work is complete: signals no longer interrupt it.
+
+        Call this from ``process_task`` once the result exists and only needs
+        to be recorded, so that a stop signal arriving now lets the result be
+        saved instead of sending the token back to todo.
+        """
+        if self._phase == "running":
+            self._phase = "saving"
+            if self._max_token_time and hasattr(signal, "setitimer"):
+                signal.setitimer(signal.ITIMER_REAL, 0)
+
+    # -- results ------------------------------------------------------------
+
+    def _finish(self, task, lease):
+        """Mark the token done (scrubbed if it failed and may be retried) and save it."""
+        if not _js_number(task.get("done")):
+            task["done"] = _now()
+        if task.get("exit_code") in ("", None):
+            task["exit_code"] = 0
+        failed = token_state(task) == "error"
+        if failed and int(task.get("scrub_count") or 0) < self._max_scrub:
+            log.info("token %s failed (exit code %s): back to todo for attempt %d of %d",
+                     task["_id"], task.get("exit_code"), int(task.get("scrub_count") or 0) + 2,
+                     self._max_scrub + 1)
+            Task.scrub(task)
+        self._save_result(task, lease)
+
+    def _save_result(self, task, lease):
+        """Save ``task`` on the lease's revision; never drop the result."""
+        task["_rev"] = lease.rev
+        deadline = time.time() + RESULT_SAVE_PATIENCE
+        while True:
+            if lease.lost is not None:
+                return self._keep_orphan_result(task, lease.lost)
+            try:
+                self.db.save(task)
+                return True
+            except Conflict:
+                current = self.db.get(task["_id"])
+                if lease.owns(current):
+                    # Someone changed another field (or an attachment): re-apply.
+                    task["_rev"] = current["_rev"]
+                    _keep_attachment_stubs(task, current)
+                    continue
+                lease.lost = current or {}
+            except (ServerUnreachable, ServerError) as exc:
+                if time.time() > deadline:
+                    _stash_result(task, "the server stayed unreachable: %s" % exc)
+                    return False
+                log.warning("saving the result of %s failed (%s); trying again", task["_id"], exc)
+                time.sleep(random.uniform(5, 15))
+
+    def _keep_orphan_result(self, task, current):
+        """The token was reset or taken by another pilot: keep our result in its error list."""
+        message = ("pilot %s finished this token (claim %s, exit code %s) after it had been "
+                   "reset or taken by another pilot; the result is kept here"
+                   % (self.pilot_id, task.get("claim_id"), task.get("exit_code")))
+        log.error("token %s: %s", task["_id"], message)
+        if not current:
+            _stash_result(task, "the token was deleted while it ran")
+            return False
+        entry = {"time": _now(), "message": message, "hostname": socket.gethostname(),
+                 "result": dict((k, v) for k, v in task.items()
+                                if k not in ("_id", "_rev", "_attachments", "error"))}
+        for _ in range(10):
+            errors = current.get("error")
+            current["error"] = (errors if isinstance(errors, list) else
+                                [] if errors in (None, "") else [errors]) + [entry]
+            try:
+                self.db.save(current)
+                return False
+            except Conflict:
+                current = self.db.get(task["_id"])
+                if current is None:
+                    break
+            except PicasError:
+                break
+        _stash_result(task, "the token was reset or taken and could not be annotated")
+        return False
+
+    def _give_back(self, task, lease):
+        """Put an interrupted token back to todo, if it is still this pilot's."""
+        body = Task(dict(lease.claimed))
+        body["_rev"] = lease.rev
+        body["lock"], body["done"] = self.token_reset_values
+        for field in _CLAIM_FIELDS + _JOB_ID_FIELDS:
+            body.pop(field, None)
+        for _ in range(10):
+            try:
+                self.db.save(body)
+                log.warning("token %s went back to todo (the pilot was stopped)", task["_id"])
+                return
+            except Conflict:
+                current = self.db.get(task["_id"])
+                if not lease.owns(current):
+                    return
+                body["_rev"] = current["_rev"]
+            except PicasError as exc:
+                log.error("could not give token %s back (%s): it stays locked; "
+                          "`picas.py reset locked --stale` will free it", task["_id"], exc)
+                return
+
+    # -- signals ------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("RunActor.run() is not in the main thread: no signal handling "
+                        "and no max_token_time")
+            self._max_token_time = None
+            return None
+        saved = {}
+        for signum in STOP_SIGNALS:
+            saved[signum] = signal.signal(signum, self._on_stop_signal)
+        if hasattr(signal, "SIGALRM"):
+            saved[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_alarm)
+        return saved
+
+    def _restore_signal_handlers(self, saved):
+        for signum, handler in (saved or {}).items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def _on_stop_signal(self, signum, frame):
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            log.warning("received signal %d: stopping after this token is given back or saved",
+                        signum)
+        if self._phase == "running":
+            self._phase = "stopping-task"
+            raise PilotInterrupted(signum)
+
+    def _on_alarm(self, signum, frame):
+        if self._phase == "running":
+            self._phase = "stopping-task"
+            raise TaskTimeout("max_token_time passed")
+
+
+def _keep_attachment_stubs(task, current):
+    """Keep attachments another writer added: a PUT without them would delete them."""
+    for name, info in (current.get("_attachments") or {}).items():
+        task.setdefault("_attachments", {}).setdefault(name, {
+            "stub": True, "content_type": info.get("content_type"),
+            "length": info.get("length"), "digest": info.get("digest")})
+
+
+def _stash_result(task, why):
+    """Write a result that could not be saved to ``picas-unsaved-<id>.json`` in the working directory."""
+    path = os.path.abspath("picas-unsaved-%s.json" % quote(str(task.get("_id")), safe=""))
+    with open(path, "w") as fh:
+        json.dump({"why": why, "token": task}, fh, indent=1, sort_keys=True)
+    log.error("the result of token %s could not be saved in the database (%s); it was "
+              "written to %s", task.get("_id"), why, path)
+    return path
+
+
+###############################################################################
+# The generic pilot: run a command for every token ############################
+###############################################################################
+
+class CommandActor(RunActor):
+    """The pilot behind ``picas.py run -- COMMAND ARGS...``.
+
+    For each token it runs ``COMMAND ARGS... INPUT TOKEN_ID`` (a non-string
+    input is passed as JSON), with ``PICAS_TOKEN_ID``, ``PICAS_TOKEN_INPUT``
+    and ``PICAS_TOKEN_FILE`` (a JSON copy of the token) in its environment and
+    the database password removed from it. The token's input is passed as an
+    argument, never pasted into a shell command line by picas.py. stdout and
+    stderr go to files, are attached as ``logs_<id>.out``/``.err`` (head and
+    tail kept when longer than ``log_limit`` bytes), and the exit code is
+    recorded.
+    """
+
+    def __init__(self, db, command, log_limit=DEFAULT_LOG_LIMIT, **kwargs):
+        RunActor.__init__(self, db, **kwargs)
+        self.command = list(command)
+        self.log_limit = log_limit
+        self.results = {"done": 0, "error": 0}
+
+    def prepare_env(self):
+        import tempfile
+        self.tmpdir = tempfile.mkdtemp(prefix="picas-pilot-")
+
+    def cleanup_env(self):
+        import shutil
+        shutil.rmtree(getattr(self, "tmpdir", ""), ignore_errors=True)
+
+    def process_task(self, token):
+        value = token.get("input")
+        arg = value if isinstance(value, str) else json.dumps(value)
+        tid = token["_id"]
+        safe = quote(tid, safe="")
+        token_file = os.path.join(self.tmpdir, "token-%s.json" % safe)
+        with open(token_file, "w") as fh:
+            json.dump(token, fh)
+        env = dict((k, v) for k, v in os.environ.items() if k != "PICAS_PASSWORD")
+        env.update(PICAS_TOKEN_ID=tid, PICAS_TOKEN_INPUT=arg, PICAS_TOKEN_FILE=token_file)
+        paths = [os.path.join(self.tmpdir, "logs_%s.%s" % (safe, ext)) for ext in ("out", "err")]
+        started = time.time()
+        try:
+            with open(paths[0], "wb") as out, open(paths[1], "wb") as err:
+                code = run_command(self.command + [arg, tid], stdout=out, stderr=err,
+                                   env=env, grace=self.grace)
+            self.finishing()
+            token["exit_code"] = code
+        finally:
+            for path, ext in zip(paths, ("out", "err")):
+                inline_attachment(token, "logs_%s.%s" % (tid, ext),
+                                  read_log(path, self.log_limit), "text/plain")
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+            os.remove(token_file)
+            token["run_seconds"] = round(time.time() - started, 3)
+
+    def cleanup_run(self):
+        token = self.current_task
+        state = token_state(token)
+        if state in self.results:
+            self.results[state] += 1
+        log.info("token %s: exit code %s in %.1f s -> %s", token["_id"], token.get("exit_code"),
+                 token.get("run_seconds", 0), state or "?")
+
+
+###############################################################################
+# Admin operations ############################################################
+###############################################################################
+
+STATES = ("todo", "locked", "done", "error")
+
+
+def count_states(db, design_doc="Monitor"):
+    """Return ``{"todo": n, "locked": n, "done": n, "error": n}`` from ``overview_total``."""
+    result = db.view("%s/overview_total" % design_doc, group=True)
+    counts = dict.fromkeys(STATES, 0)
+    for row in result.get("rows", []):
+        if row.get("key") in counts:
+            counts[row["key"]] = int(row.get("value") or 0)
+    return counts
+
+
+def push_tokens(db, lines=None, tokens=None, id_prefix="token", batch=500):
+    """Create tokens in bulk: one per text line (``input`` = the line), or from dicts.
+
+    Token ids are ``<id_prefix>-<n>`` with ``n`` the 1-based position, so
+    pushing the same input again creates nothing new: existing ids are
+    counted as ``existing``, never overwritten. Returns a dict with counts
+    ``created``, ``existing`` and ``failed`` and the list of ``errors``.
+    """
+    report = {"created": 0, "existing": 0, "failed": 0, "errors": []}
+    pending = []
+
+    def flush():
+        for ok, doc_id, rev_or_error in db.update(pending):
+            if ok:
+                report["created"] += 1
+            elif isinstance(rev_or_error, Conflict):
+                report["existing"] += 1
+            else:
+                report["failed"] += 1
+                report["errors"].append("%s: %s" % (doc_id, rev_or_error))
+        del pending[:]
+
+    source = ((dict(TOKEN_DEFAULTS, input=line) for line in lines) if lines is not None
+              else tokens)
+    for number, body in enumerate(source, 1):
+        token = dict(TOKEN_DEFAULTS)
+        token["error"] = []
+        token.update(body)
+        token.setdefault("_id", "%s-%d" % (id_prefix, number))
+        token.pop("_rev", None)
+        pending.append(token)
+        if len(pending) >= batch:
+            flush()
+    if pending:
+        flush()
+    return report
+
+
+def scrub_token(token):
+    """Reset ``token`` to todo in memory: lock = done = 0, scrub_count + 1, logs kept."""
+    Task.scrub(token)
+    token["exit_code"] = ""
+    return token
+
+
+def select_tokens(db, view, design_doc="Monitor", older_than=None, stale=False,
+                  lease_factor=3.0, now=None):
+    """Yield the documents in ``view`` that ``reset``/``delete`` should touch.
+
+    ``older_than`` (seconds) keeps tokens locked longer ago than that;
+    ``stale`` keeps locked tokens whose pilot stopped sending heartbeats:
+    ``heartbeat`` older than ``lease_factor`` times its ``heartbeat_interval``
+    (plus a minute). Tokens without a heartbeat interval (upstream pilots, or
+    heartbeats switched off) are never stale; use ``older_than`` for them.
+    """
+    now = time.time() if now is None else now
+    name = view if "/" in view else "%s/%s" % (design_doc, view)
+    for row in db.iterview(name, batch=500, include_docs=True):
+        doc = row.get("doc")
+        if not doc or doc.get("_id", "").startswith("_design/"):
+            continue
+        if older_than is not None:
+            lock = _js_number(doc.get("lock")) or 0
+            if not (lock > 0 and now - lock > older_than):
+                continue
+        if stale:
+            interval = _js_number(doc.get("heartbeat_interval")) or 0
+            beat = _js_number(doc.get("heartbeat")) or _js_number(doc.get("lock")) or 0
+            if token_state(doc) != "locked" or interval <= 0 or \
+                    now - beat <= lease_factor * interval + 60:
+                continue
+        yield doc
+
+
+def bulk_apply(db, docs, change, batch=500):
+    """Apply ``change(doc)`` to each document and write them back in bulk (compare-and-set).
+
+    Returns ``(changed, conflicts)``: documents that someone else changed
+    since they were read are left alone and counted as conflicts.
+    """
+    changed = conflicts = 0
+    pending = []
+
+    def flush():
+        ok_count = bad = 0
+        for ok, doc_id, err in db.update(pending):
+            if ok:
+                ok_count += 1
+            elif isinstance(err, Conflict):
+                bad += 1
+            else:
+                raise err
+        del pending[:]
+        return ok_count, bad
+
+    for doc in docs:
+        pending.append(change(doc))
+        if len(pending) >= batch:
+            a, b = flush()
+            changed, conflicts = changed + a, conflicts + b
+    if pending:
+        a, b = flush()
+        changed, conflicts = changed + a, conflicts + b
+    return changed, conflicts
+
+
+###############################################################################
 # The command line ############################################################
 ###############################################################################
 
+#: Exit statuses of ``picas.py`` (``run`` adds 128 + N when stopped by signal N).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_WORK = 0, 1, 2, 3
+
+_EPILOG = """\
+connection settings, highest precedence first: the --url/--db/--user flags; the
+environment variables PICAS_HOST_URL, PICAS_DATABASE, PICAS_USERNAME and
+PICAS_PASSWORD; a picasconfig.py (in the working directory, on PYTHONPATH, or
+named with --config) defining those four names. The password is never taken
+from the command line.
+
+examples:
+  python picas.py views                          create the standard views
+  python picas.py push quickExample.txt          one token per line
+  python picas.py run -- ./process_task.sh       $1 = input, $2 = token id
+  python picas.py --db other run --max-tasks 10 --max-time 3600 -- ./task.sh
+  python picas.py status --watch 10
+  python picas.py reset locked --stale           free tokens of dead pilots
+  python picas.py reset error --yes              retry failed tokens
+
+exit status: 0 done, 1 error, 2 bad usage or settings, 3 no work found
+(run), 128+N stopped by signal N (run).
+"""
+
+
+class UsageError(PicasError):
+    """Bad command-line usage or settings: exit status 2."""
+
+
+def _load_config_file(path):
+    """Read the PICAS_* names from a picasconfig.py without running it if possible."""
+    import ast
+    names = ("PICAS_HOST_URL", "PICAS_DATABASE", "PICAS_USERNAME", "PICAS_PASSWORD")
+    try:
+        with open(path, "rb") as fh:
+            source = fh.read()
+        tree = ast.parse(source, path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UsageError("cannot read config file %s: %s" % (path, exc))
+    found, dynamic = {}, False
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name) and target.id in names:
+                    try:
+                        value = ast.literal_eval(node.value)
+                    except ValueError:
+                        dynamic = True
+                        continue
+                    if value is not None and not isinstance(value, str):
+                        raise UsageError("config file %s: %s must be a string"
+                                         % (path, target.id))
+                    found[target.id] = value
+    if dynamic:
+        # Upstream's newer picasconfig.py computes the values (decrypting the
+        # password); that needs running it, and its own dependencies.
+        import runpy
+        try:
+            values = runpy.run_path(path)
+        except Exception as exc:
+            raise UsageError("config file %s computes its values and running it failed: %r. "
+                             "Set the PICAS_* environment variables instead." % (path, exc))
+        found = dict((n, values.get(n)) for n in names if values.get(n) is not None)
+    if found.get("PICAS_PASSWORD") and os.stat(path).st_mode & 0o044:
+        log.warning("%s holds a password and other users can read it: chmod 600 %s", path, path)
+    return found
+
+
+def _find_config(explicit):
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise UsageError("config file %s does not exist" % explicit)
+        return explicit
+    for folder in [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]:
+        path = os.path.join(folder, "picasconfig.py")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def connection_settings(args, environ=None):
+    """Resolve url, database, username and password: flags, then environment, then picasconfig.py."""
+    env = os.environ if environ is None else environ
+    config = {}
+    path = _find_config(args.config)
+    if path:
+        config = _load_config_file(path)
+        log.debug("read settings from %s", path)
+
+    def pick(flag, name):
+        return flag or env.get(name) or config.get(name)
+
+    url = pick(args.url, "PICAS_HOST_URL")
+    dbname = pick(args.db, "PICAS_DATABASE")
+    user = pick(args.user, "PICAS_USERNAME")
+    password = env.get("PICAS_PASSWORD") or config.get("PICAS_PASSWORD")
+    if not url:
+        raise UsageError("no server URL: use --url, PICAS_HOST_URL or a picasconfig.py")
+    if not dbname:
+        raise UsageError("no database name: use --db, PICAS_DATABASE or a picasconfig.py")
+    if user and password is None and sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass("CouchDB password for %s: " % user)
+    return url, dbname, user, password
+
+
+def _build_parser():
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="picas.py", description=__doc__.splitlines()[0], epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="picas.py " + __version__)
+    parser.add_argument("--url", help="CouchDB server URL (https://host:6984)")
+    parser.add_argument("--db", help="database name")
+    parser.add_argument("--user", help="user name")
+    parser.add_argument("--password", help=argparse.SUPPRESS, nargs="?", const="")
+    parser.add_argument("--config", help="a picasconfig.py to read settings from")
+    parser.add_argument("--design-doc", default="Monitor", metavar="NAME",
+                        help="design document holding the views (default: Monitor)")
+    parser.add_argument("--cafile", help="CA certificate file for https")
+    parser.add_argument("--capath", help="CA certificate directory (X509_CERT_DIR is honoured)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="do not verify the server's TLS certificate (unsafe)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help="seconds per request (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("views", help="create or update the standard views")
+    p.add_argument("--filter", metavar="JS", help='extra condition for every view, e.g. "doc.cores == 1"')
+    p.add_argument("--create-db", action="store_true", help="create the database if it is missing")
+    p.add_argument("--single-copy", action="store_true",
+                   help="with --create-db: one copy of each document (n=1) on a cluster")
+    p.set_defaults(func=cmd_views)
+
+    p = sub.add_parser("push", help="create tokens from a file (one per line) or JSON")
+    p.add_argument("file", help="a file, or - for standard input")
+    p.add_argument("--json", action="store_true",
+                   help="the file is a JSON array or JSON lines of token bodies")
+    p.add_argument("--id-prefix", help="token ids are PREFIX-<n> (default: the file name and "
+                   "a hash of its content, so pushing the same file again adds nothing)")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("status", help="count tokens per state")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("run", help="run a command for every token (the generic pilot)")
+    p.add_argument("--view", default="todo", help="view to take tokens from (default: todo)")
+    p.add_argument("--max-tasks", type=int, metavar="N", help="stop after N tokens")
+    p.add_argument("--max-time", type=float, metavar="S",
+                   help="claim nothing after S seconds (walltime)")
+    p.add_argument("--max-token-time", type=float, metavar="S",
+                   help="kill a task after S seconds (exit code 124)")
+    p.add_argument("--max-scrub", type=int, default=0, metavar="N",
+                   help="retry a failed token up to N times")
+    p.add_argument("--endless", action="store_true", help="wait for new tokens when the view is empty")
+    p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT, metavar="S",
+                   help="seconds between heartbeats (default: %(default)s; 0: off)")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="S",
+                   help="seconds between SIGTERM and SIGKILL for a task (default: %(default)s)")
+    p.add_argument("--log-limit", type=int, default=DEFAULT_LOG_LIMIT, metavar="BYTES",
+                   help="bytes of each log kept in the token (default: %(default)s)")
+    p.add_argument("task", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+    p.set_defaults(func=cmd_run)
+
+    for name, what in (("reset", "send tokens in a view back to todo"),
+                       ("delete", "delete the tokens in a view")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("view", help="locked, error, done, todo, or Design/view")
+        p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        if name == "reset":
+            group = p.add_mutually_exclusive_group()
+            group.add_argument("--older-than", type=float, metavar="HOURS",
+                               help="only tokens locked more than HOURS ago")
+            group.add_argument("--stale", action="store_true",
+                               help="only locked tokens whose pilot stopped its heartbeat")
+        p.set_defaults(func=cmd_reset if name == "reset" else cmd_delete)
+    return parser
+
+
+def _setup_logging(verbose, quiet):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("picas: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    return handler
+
+
 def main(argv=None):
     """Run the command line; return the exit status."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="picas.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version="picas.py " + __version__)
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    handler = _setup_logging(args.verbose, args.quiet)
+    try:
+        if args.password is not None:
+            raise UsageError("the password is never taken from the command line (it would show "
+                             "in `ps` and shell history): set PICAS_PASSWORD or use picasconfig.py")
+        url, dbname, user, password = connection_settings(args)
+        server = Server(url, user, password, timeout=args.timeout, verify=not args.insecure,
+                        cafile=args.cafile, capath=args.capath)
+        return args.func(args, server.database(dbname))
+    except UsageError as exc:
+        print("picas.py: %s" % exc, file=sys.stderr)
+        return EXIT_USAGE
+    except Unauthorized as exc:
+        print("picas.py: the server refused the request (HTTP %d %s): check the user name and "
+              "password (PICAS_USERNAME/PICAS_PASSWORD) and that the user may use this database"
+              % (exc.status, exc.error or ""), file=sys.stderr)
+        return EXIT_ERROR
+    except PicasError as exc:
+        print("picas.py: %s" % exc, file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("picas.py: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        log.removeHandler(handler)
+
+
+def _confirm(question, yes):
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError("%s -- not on a terminal, so not asking: add --yes" % question)
+    answer = input("%s [y/N] " % question)
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _require_db(db):
+    if not db.exists():
+        raise UsageError("database %r does not exist on %s: check --db / PICAS_DATABASE, or "
+                         "create it with `python picas.py views --create-db`"
+                         % (db.name, db.server.url))
+
+
+def cmd_views(args, db):
+    if args.create_db and not db.exists():
+        db.server.create_database(db.name, n=1 if args.single_copy else None)
+        log.info("created database %s", db.name)
+    _require_db(db)
+    changed = db.ensure_design(args.design_doc, standard_views(args.filter))
+    log.info("views in _design/%s %s: %s", args.design_doc,
+             "created or updated" if changed else "already up to date",
+             ", ".join(name for name, _ in _STATE_CONDITIONS) + ", overview_total")
+    return EXIT_OK
+
+
+def cmd_push(args, db):
+    import hashlib
+    _require_db(db)
+    if args.file == "-":
+        data = sys.stdin.buffer.read()
+        stem = "stdin"
+    else:
+        try:
+            with open(args.file, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise UsageError("cannot read %s: %s" % (args.file, exc.strerror))
+        stem = os.path.splitext(os.path.basename(args.file))[0] or "tokens"
+    prefix = args.id_prefix or "%s-%s" % (stem, hashlib.sha1(data).hexdigest()[:8])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError("%s is not UTF-8 text (%s)" % (args.file, exc))
+    if args.json:
+        tokens = _parse_json_tokens(text, args.file)
+        report = push_tokens(db, tokens=tokens, id_prefix=prefix)
+    else:
+        lines = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+        report = push_tokens(db, lines=lines, id_prefix=prefix)
+    print("created %d tokens%s%s" % (
+        report["created"],
+        ", %d already existed (pushed before)" % report["existing"] if report["existing"] else "",
+        ", %d FAILED" % report["failed"] if report["failed"] else ""))
+    for line in report["errors"][:20]:
+        print("  failed: %s" % line, file=sys.stderr)
+    return EXIT_ERROR if report["failed"] else EXIT_OK
+
+
+def _parse_json_tokens(text, name):
+    stripped = text.strip()
+    if not stripped:
+        return []
+    try:
+        if stripped.startswith("["):
+            items = json.loads(stripped)
+        else:
+            items = [json.loads(line) for line in stripped.splitlines() if line.strip()]
+    except ValueError as exc:
+        raise UsageError("%s is not a JSON array or JSON lines: %s" % (name, exc))
+    for number, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            raise UsageError("%s: token %d is not a JSON object" % (name, number))
+    return items
+
+
+def cmd_status(args, db):
+    _require_db(db)
+    previous = None
+    while True:
+        counts = count_states(db, args.design_doc)
+        if args.json:
+            print(json.dumps(counts, sort_keys=True))
+        else:
+            total = sum(counts.values())
+            line = "todo %(todo)d  locked %(locked)d  done %(done)d  error %(error)d" % counts
+            line += "  (%d tokens)" % total
+            now = time.time()
+            finished = counts["done"] + counts["error"]
+            if previous is not None and now > previous[0]:
+                rate = (finished - previous[1]) / (now - previous[0])
+                left = counts["todo"] + counts["locked"]
+                line += "  %.2f tokens/s" % rate
+                if rate > 0 and left:
+                    line += ", ETA %s" % _duration(left / rate)
+            if previous is None:
+                previous = (now, finished)
+            print(line, flush=True)
+        if not args.watch:
+            return EXIT_OK
+        time.sleep(args.watch)
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    if seconds < 120:
+        return "%d s" % seconds
+    if seconds < 7200:
+        return "%d min" % (seconds // 60)
+    return "%.1f h" % (seconds / 3600.0)
+
+
+def _check_command(command):
+    import shutil
+    if not command:
+        raise UsageError("no command to run: python picas.py run -- ./process_task.sh")
+    exe = command[0]
+    if os.sep in exe:
+        if not os.path.exists(exe):
+            raise UsageError("command %s does not exist" % exe)
+        if os.path.isdir(exe) or not os.access(exe, os.X_OK):
+            raise UsageError("command %s is not executable: chmod +x %s" % (exe, exe))
+    elif shutil.which(exe) is None:
+        raise UsageError("command %r not found on PATH" % exe)
+
+
+def cmd_run(args, db):
+    command = args.task[1:] if args.task[:1] == ["--"] else args.task
+    _check_command(command)
+    _require_db(db)
+    # Fail before claiming anything when the view does not exist.
+    view = args.view if "/" in args.view else "%s/%s" % (args.design_doc, args.view)
+    db.view(view, limit=0)
+    actor = CommandActor(db, command, log_limit=args.log_limit, view=args.view,
+                         design_doc=args.design_doc, heartbeat=args.heartbeat, grace=args.grace)
+    if args.endless:
+        actor.iterator = EndlessViewIterator(actor.iterator)
+    log.info("pilot %s claiming from %s in %s", actor.pilot_id, view, db.name)
+    try:
+        actor.run(max_token_time=args.max_token_time, max_total_time=args.max_time,
+                  max_tasks=args.max_tasks, max_scrub=args.max_scrub)
+    except SystemExit as exc:
+        log.warning("pilot stopped by signal %d after %d tokens", exc.code - 128,
+                    actor.tasks_processed)
+        return exc.code
+    log.info("pilot finished: %d tokens (%d done, %d error)", actor.tasks_processed,
+             actor.results["done"], actor.results["error"])
+    return EXIT_OK if actor.tasks_processed else EXIT_NO_WORK
+
+
+def cmd_reset(args, db):
+    _require_db(db)
+    older = args.older_than * 3600 if args.older_than is not None else None
+    docs = list(select_tokens(db, args.view, args.design_doc, older_than=older, stale=args.stale))
+    if not docs:
+        print("no tokens to reset in %s" % args.view)
+        return EXIT_OK
+    if not _confirm("reset %d tokens in %s to todo?" % (len(docs), args.view), args.yes):
+        return EXIT_OK
+    changed, conflicts = bulk_apply(db, docs, scrub_token)
+    print("reset %d tokens to todo%s" % (changed, ", %d changed meanwhile and were left alone"
+                                         % conflicts if conflicts else ""))
+    return EXIT_OK
+
+
+def cmd_delete(args, db):
+    _require_db(db)
+    docs = list(select_tokens(db, args.view, args.design_doc))
+    if not docs:
+        print("no tokens to delete in %s" % args.view)
+        return EXIT_OK
+    if not _confirm("delete %d tokens in %s?" % (len(docs), args.view), args.yes):
+        return EXIT_OK
+
+    def tombstone(doc):
+        return {"_id": doc["_id"], "_rev": doc["_rev"], "_deleted": True}
+    changed, conflicts = bulk_apply(db, docs, tombstone)
+    print("deleted %d tokens%s" % (changed, ", %d changed meanwhile and were left alone"
+                                   % conflicts if conflicts else ""))
+    return EXIT_OK
 
 
 if __name__ == "__main__":
