@@ -1281,6 +1281,7 @@ class _Claimer(object):
         self._candidates = []
         self._fetched = 0.0
         self._total = None          # rows in the view at the last read
+        self._warned = set()        # ids of non-tokens already warned about
 
     def claim(self):
         """Claim one token and return it as a :class:`Task`, or None when the view is empty."""
@@ -1302,24 +1303,43 @@ class _Claimer(object):
                 time.sleep(random.uniform(0, min(1.0, 0.01 * 2 ** misses)))
 
     def _read_window(self, at_start=False):
+        """Read a window of claimable candidates; False when the view has none.
+
+        Rows whose document is not a todo token (the view lags behind the
+        documents, or a custom view holds other documents) are passed over,
+        paging on through the view until claimable ones turn up or it ends.
+        """
         params = dict(self.view_params, include_docs=True, reduce=False)
         limit = int(params.pop("limit", 0) or 0) or self.window
         skip = 0
         if not at_start and self._total and self._total > limit:
             skip = random.randint(0, min(self._total - limit, self.max_skip))
-        result = self.db.view(self.view_name, limit=limit, skip=skip or None, **params)
-        self.stats.view_reads += 1
-        self._total = result.get("total_rows")
-        self._candidates = [row.get("doc") for row in result.get("rows", [])]
+        while True:
+            result = self.db.view(self.view_name, limit=limit, skip=skip or None, **params)
+            self.stats.view_reads += 1
+            rows = result.get("rows", [])
+            if skip or "startkey_docid" not in params:
+                self._total = result.get("total_rows")
+            self._candidates = [row["doc"] for row in rows if self._claimable(row.get("doc"))]
+            if self._candidates or len(rows) < limit:
+                break
+            params["startkey"], params["startkey_docid"] = rows[-1]["key"], rows[-1]["id"]
+            skip = 1
         self._fetched = time.time()
         return bool(self._candidates)
 
+    def _claimable(self, doc):
+        if token_state(doc) == "todo":
+            return True
+        self.stats.skipped += 1
+        if isinstance(doc, dict) and doc.get("type") != "token" and doc.get("_id") not in self._warned:
+            self._warned.add(doc.get("_id"))
+            log.warning("view %s holds %r, which is not a token (no type: \"token\"); "
+                        "passed over", self.view_name, doc.get("_id"))
+        return False
+
     def _lock(self, doc):
-        if token_state(doc) != "todo":
-            if doc is not None and doc.get("type") != "token":
-                log.warning("view %s returned %r, which is not a token (no type: \"token\"); "
-                            "skipped", self.view_name, doc.get("_id"))
-            self.stats.skipped += 1
+        if not self._claimable(doc):
             return None
         token = Task(doc)
         token.lock()
@@ -1665,17 +1685,23 @@ def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAUL
     return _signal_exit_code(returncode)
 
 
-def execute(args, shell=False):
+#: The grace period of the pilot that is running now (set by RunActor.run).
+_active_grace = [DEFAULT_GRACE]
+
+
+def execute(args, shell=False, grace=None):
     """Run a command and return ``(proc, returncode, stdout, stderr)``, as upstream did.
 
     Output is collected through temporary files (no pipe can fill up) and
     returned as bytes. The command runs in its own process group, so a
-    timeout or stop signal kills it with everything it started.
+    timeout or stop signal kills it with everything it started, after the
+    running pilot's grace period (or ``grace`` seconds).
     """
     import subprocess
     import tempfile
+    grace = _active_grace[0] if grace is None else grace
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        returncode = run_command(args, stdout=out, stderr=err, shell=shell)
+        returncode = run_command(args, stdout=out, stderr=err, shell=shell, grace=grace)
         out.seek(0)
         err.seek(0)
         proc = subprocess.CompletedProcess(args, returncode)
@@ -1870,6 +1896,7 @@ class RunActor(object):
             self.iterator._configure(lambda: not self._may_claim(),
                                      {"heartbeat_interval": self.heartbeat or 0})
         saved = self._install_signal_handlers()
+        outer_grace, _active_grace[0] = _active_grace[0], self.grace
         try:
             self.prepare_env()
             while self._may_claim():
@@ -1887,6 +1914,7 @@ class RunActor(object):
                 self.cleanup_env()
             finally:
                 self._restore_signal_handlers(saved)
+                _active_grace[0] = outer_grace
         if self.stop_signal is not None:
             raise SystemExit(128 + self.stop_signal)
 
@@ -1999,9 +2027,9 @@ class RunActor(object):
             except Conflict:
                 current = self.db.get(task["_id"])
                 if lease.owns(current):
-                    # Someone changed another field (or an attachment): re-apply.
-                    task["_rev"] = current["_rev"]
-                    _keep_attachment_stubs(task, current)
+                    # Someone changed another field or added an attachment while
+                    # the token was ours: apply our changes on top of theirs.
+                    _reapply(task, lease.claimed, current)
                     continue
                 lease.lost = current or {}
             except (ServerUnreachable, ServerError) as exc:
@@ -2095,12 +2123,33 @@ class RunActor(object):
             raise TaskTimeout("max_token_time passed")
 
 
-def _keep_attachment_stubs(task, current):
-    """Keep attachments another writer added: a PUT without them would delete them."""
+def _reapply(task, claimed, current):
+    """Rebuild ``task`` as ``current`` plus the changes ``task`` made to ``claimed``.
+
+    Fields this pilot changed or added win; fields it did not touch keep the
+    other writer's values; new attachments are kept next to the other
+    writer's. The result is written into ``task`` in place, on ``current``'s _rev.
+    """
+    changes = dict((k, v) for k, v in task.items()
+                   if k not in ("_rev", "_attachments") and claimed.get(k, _MISSING) != v)
+    removed = [k for k in claimed if k not in task and k not in ("_rev", "_attachments")]
+    ours = task.get("_attachments") or {}
+    merged = dict(current)
+    merged.update(changes)
+    for key in removed:
+        merged.pop(key, None)
+    attachments = {}
     for name, info in (current.get("_attachments") or {}).items():
-        task.setdefault("_attachments", {}).setdefault(name, {
-            "stub": True, "content_type": info.get("content_type"),
-            "length": info.get("length"), "digest": info.get("digest")})
+        attachments[name] = {"stub": True, "content_type": info.get("content_type"),
+                             "length": info.get("length"), "digest": info.get("digest")}
+    attachments.update((name, info) for name, info in ours.items() if not info.get("stub"))
+    if attachments:
+        merged["_attachments"] = attachments
+    task.clear()
+    task.update(merged)
+
+
+_MISSING = object()
 
 
 def _stash_result(task, why):
@@ -2238,10 +2287,11 @@ def push_tokens(db, lines=None, tokens=None, id_prefix="token", batch=500):
 
 
 def scrub_token(token):
-    """Reset ``token`` to todo in memory: lock = done = 0, scrub_count + 1, logs kept."""
-    Task.scrub(token)
-    token["exit_code"] = ""
-    return token
+    """Reset ``token`` to todo in memory: lock = done = 0, scrub_count + 1.
+
+    Logs, the error list and the last exit_code stay, to explain the last attempt.
+    """
+    return Task.scrub(token)
 
 
 def select_tokens(db, view, design_doc="Monitor", older_than=None, stale=False,
@@ -2423,7 +2473,6 @@ def _build_parser():
     parser.add_argument("--url", help="CouchDB server URL (https://host:6984)")
     parser.add_argument("--db", help="database name")
     parser.add_argument("--user", help="user name")
-    parser.add_argument("--password", help=argparse.SUPPRESS, nargs="?", const="")
     parser.add_argument("--config", help="a picasconfig.py to read settings from")
     parser.add_argument("--design-doc", default="Monitor", metavar="NAME",
                         help="design document holding the views (default: Monitor)")
@@ -2502,6 +2551,11 @@ def _setup_logging(verbose, quiet):
 
 def main(argv=None):
     """Run the command line; return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--password" or a.startswith("--password=") for a in argv):
+        print("picas.py: the password is never taken from the command line (it would show in "
+              "`ps` and shell history): set PICAS_PASSWORD or use picasconfig.py", file=sys.stderr)
+        return EXIT_USAGE
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -2509,9 +2563,6 @@ def main(argv=None):
         return EXIT_USAGE
     handler = _setup_logging(args.verbose, args.quiet)
     try:
-        if args.password is not None:
-            raise UsageError("the password is never taken from the command line (it would show "
-                             "in `ps` and shell history): set PICAS_PASSWORD or use picasconfig.py")
         url, dbname, user, password = connection_settings(args)
         server = Server(url, user, password, timeout=args.timeout, verify=not args.insecure,
                         cafile=args.cafile, capath=args.capath)

@@ -1,0 +1,244 @@
+"""A tiny scripted HTTP server for fault tests (standard library only).
+
+    with FaultServer([("drop",), ("json", 200, {"ok": True})]) as fs:
+        picas.Server(fs.url).info()        # first attempt dropped, second answered
+        assert fs.methods() == ["GET", "GET"]
+
+Every request takes the next action off the script; when the script is used
+up, ``default`` is used (``("proxy",)`` when an ``upstream`` URL is given,
+else ``("json", 200, {"ok": True})``). The server speaks HTTP/1.1 with
+keep-alive, so a client may send many requests over one connection;
+``connections`` counts the TCP connections accepted and ``requests`` records
+every request as a :class:`Request`.
+
+Actions (tuples; a callable ``action(server, request)`` returning an action
+is accepted too, for anything the tuples cannot say):
+
+``("drop",)``
+    read the request, then close the connection without answering.
+``("reset",)``
+    read the request, then reset the connection (RST, not FIN).
+``("json", status, obj[, headers])``
+    answer ``obj`` as JSON.
+``("status", status[, body[, headers]])``
+    answer with ``status``; ``body`` is JSON-encoded unless it is bytes/str
+    (default: a CouchDB-style ``{"error": ..., "reason": ...}``).
+``("raw", status, body_bytes[, headers])``
+    answer exactly these bytes (Content-Type: text/plain unless given).
+``("sleep", seconds[, action])``
+    wait, then perform ``action`` (default: the default action).
+``("close_after_response", action)``
+    perform ``action`` (answering with keep-alive), then close the idle
+    connection, as a server or proxy whose keep-alive timeout expired does.
+``("proxy",)``
+    forward the request to ``upstream`` and relay its answer.
+``("proxy_then_drop",)``
+    forward the request to ``upstream`` (so the server applies it), then
+    close the connection without relaying the answer: a lost answer.
+"""
+import http.client
+import json
+import socket
+import socketserver
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from urllib.parse import urlsplit
+
+__all__ = ["FaultServer", "Request"]
+
+_HOP_BY_HOP = frozenset(["connection", "keep-alive", "proxy-connection", "te", "trailer",
+                         "transfer-encoding", "upgrade", "host", "content-length"])
+
+
+class Request(object):
+    """One request as the fault server received it."""
+
+    def __init__(self, method, path, headers, body, connection):
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.connection = connection      # number of the TCP connection it came on
+        self.time = time.time()
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+    def __repr__(self):
+        return "Request(%r, %r, connection=%d)" % (self.method, self.path, self.connection)
+
+
+class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 30                      # an idle client connection ends its thread eventually
+
+    def setup(self):
+        BaseHTTPRequestHandler.setup(self)
+        self.fault = self.server.fault
+        self.conn_number = self.fault._new_connection()
+
+    def log_message(self, *args):
+        pass
+
+    def _dispatch(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        request = Request(self.command, self.path, dict(self.headers.items()), body,
+                          self.conn_number)
+        action = self.fault._next_action(request)
+        self._perform(action, request)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_COPY = _dispatch
+
+    # -- actions --------------------------------------------------------------
+
+    def _perform(self, action, request):
+        while callable(action):
+            action = action(self.fault, request)
+        kind = action[0]
+        if kind == "drop":
+            self.close_connection = True
+            return
+        if kind == "reset":
+            self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            return
+        if kind == "sleep":
+            time.sleep(action[1])
+            nxt = action[2] if len(action) > 2 else self.fault.default
+            return self._perform(nxt, request)
+        if kind == "close_after_response":
+            self._perform(action[1], request)
+            self.close_connection = True
+            return
+        if kind == "json":
+            headers = dict(action[3]) if len(action) > 3 else {}
+            headers.setdefault("Content-Type", "application/json")
+            return self._answer(action[1], json.dumps(action[2]).encode("utf-8"), headers)
+        if kind == "status":
+            status = action[1]
+            body = action[2] if len(action) > 2 else None
+            headers = dict(action[3]) if len(action) > 3 else {}
+            if body is None:
+                body = {"error": "fault_%d" % status, "reason": "scripted by FaultServer"}
+            if isinstance(body, str):
+                body = body.encode("utf-8")
+            if not isinstance(body, bytes):
+                body = json.dumps(body).encode("utf-8")
+                headers.setdefault("Content-Type", "application/json")
+            headers.setdefault("Content-Type", "text/plain")
+            return self._answer(status, body, headers)
+        if kind == "raw":
+            headers = dict(action[3]) if len(action) > 3 else {}
+            headers.setdefault("Content-Type", "text/plain")
+            return self._answer(action[1], action[2], headers)
+        if kind == "proxy":
+            status, headers, body = self.fault.forward(request)
+            return self._answer(status, body, headers)
+        if kind == "proxy_then_drop":
+            self.fault.forward(request)
+            self.close_connection = True
+            return
+        raise ValueError("FaultServer: unknown action %r" % (action,))
+
+    def _answer(self, status, body, headers):
+        try:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True        # the client gave up (timed out)
+
+
+class FaultServer(object):
+    """A scripted HTTP server on 127.0.0.1; see the module docstring."""
+
+    def __init__(self, script=(), upstream=None, default=None):
+        self.script = list(script)
+        self.upstream = upstream
+        if default is None:
+            default = ("proxy",) if upstream else ("json", 200, {"ok": True})
+        self.default = default
+        self.requests = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._server = _TCPServer(("127.0.0.1", 0), _Handler)
+        self._server.fault = self
+        self.host, self.port = self._server.server_address[:2]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self._thread = None
+
+    # -- life cycle -------------------------------------------------------------
+
+    def start(self):
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05})
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def stop(self):
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- scripting ----------------------------------------------------------------
+
+    def add(self, *actions):
+        """Append actions to the script."""
+        with self._lock:
+            self.script.extend(actions)
+
+    def _new_connection(self):
+        with self._lock:
+            self.connections += 1
+            return self.connections
+
+    def _next_action(self, request):
+        with self._lock:
+            self.requests.append(request)
+            return self.script.pop(0) if self.script else self.default
+
+    def methods(self):
+        """The methods of all requests received so far, in order."""
+        return [r.method for r in self.requests]
+
+    def forward(self, request):
+        """Send ``request`` to the upstream server; return (status, headers, body)."""
+        if not self.upstream:
+            raise RuntimeError("FaultServer: proxy action without an upstream URL")
+        parts = urlsplit(self.upstream)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=30)
+        try:
+            headers = dict((k, v) for k, v in request.headers.items()
+                           if k.lower() not in _HOP_BY_HOP)
+            conn.request(request.method, request.path, body=request.body or None,
+                         headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            out = dict((k, v) for k, v in resp.getheaders() if k.lower() not in _HOP_BY_HOP)
+            return resp.status, out, body
+        finally:
+            conn.close()
