@@ -739,9 +739,12 @@ class Database(object):
         if "keys" in params:
             params = dict(params)
             body = {"keys": params.pop("keys")}
-            return self.request("POST", path, params=params, body=body, retry=True,
-                                timeout=self.server.view_timeout)[2]
-        return self.request("GET", path, params=params, timeout=self.server.view_timeout)[2]
+            result = self.request("POST", path, params=params, body=body, retry=True,
+                                  timeout=self.server.view_timeout)[2]
+        else:
+            result = self.request("GET", path, params=params,
+                                  timeout=self.server.view_timeout)[2]
+        return ViewResult(result)
 
     def iterview(self, name, batch=1000, **params):
         """Yield every row of a view, ``batch`` rows per request, paging without ``skip``.
@@ -826,6 +829,43 @@ class Database(object):
             return self.request("GET", path, raw=True)[2]
         except NotFound:
             return default
+
+
+class Row(dict):
+    """One view row: a dict with ``id``, ``key``, ``value`` and ``doc`` attributes too."""
+
+    id = property(lambda self: self.get("id"))
+    key = property(lambda self: self.get("key"))
+    value = property(lambda self: self.get("value"))
+    doc = property(lambda self: self.get("doc"))
+
+
+class ViewResult(dict):
+    """CouchDB's answer to a view query: the dict, and also iterable over its rows.
+
+    ``result["rows"]`` and ``result["total_rows"]`` work as in the JSON;
+    ``for row in result`` and ``len(result)`` go over the rows (each a
+    :class:`Row`), as python-couchdb's view results did.
+    """
+
+    def __init__(self, data):
+        dict.__init__(self, data)
+        self["rows"] = [Row(row) for row in self.get("rows", [])]
+
+    rows = property(lambda self: self["rows"])
+    total_rows = property(lambda self: self.get("total_rows"))
+    offset = property(lambda self: self.get("offset"))
+
+    def __iter__(self):
+        return iter(self["rows"])
+
+    def __len__(self):
+        return len(self["rows"])
+
+
+def _database(db):
+    """The :class:`Database` behind ``db`` (which may be upstream's ``CouchDB`` wrapper)."""
+    return getattr(db, "_picas_database", db)
 
 
 def new_id():
@@ -1271,7 +1311,7 @@ class _Claimer(object):
     max_skip = 1000
 
     def __init__(self, db, view, design_doc="Monitor", pilot_id=None, **view_params):
-        self.db = db
+        self.db = _database(db)
         self.view_name = view if "/" in view else "%s/%s" % (design_doc, view)
         self.view_params = view_params
         self.pilot_id = pilot_id or new_pilot_id()
@@ -1282,6 +1322,7 @@ class _Claimer(object):
         self._fetched = 0.0
         self._total = None          # rows in the view at the last read
         self._warned = set()        # ids of non-tokens already warned about
+        self._rows = {}             # id -> view row of the current window
 
     def claim(self):
         """Claim one token and return it as a :class:`Task`, or None when the view is empty."""
@@ -1321,6 +1362,7 @@ class _Claimer(object):
             if skip or "startkey_docid" not in params:
                 self._total = result.get("total_rows")
             self._candidates = [row["doc"] for row in rows if self._claimable(row.get("doc"))]
+            self._rows = dict((row["id"], row) for row in rows)
             if self._candidates or len(rows) < limit:
                 break
             params["startkey"], params["startkey_docid"] = rows[-1]["key"], rows[-1]["id"]
@@ -1372,6 +1414,8 @@ class _Claimer(object):
             return None
         token["_rev"] = result["rev"]
         self.stats.claims += 1
+        row = self._rows.get(token["_id"]) or {}
+        token.view_key, token.view_value = row.get("key"), row.get("value")
         return token
 
 
@@ -1685,8 +1729,9 @@ def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAUL
     return _signal_exit_code(returncode)
 
 
-#: The grace period of the pilot that is running now (set by RunActor.run).
-_active_grace = [DEFAULT_GRACE]
+#: Settings of the pilot that is running now (set by RunActor.run): its grace
+#: period, and whether it is an old-API pilot (whose execute() returned 3 values).
+_active = {"grace": DEFAULT_GRACE, "old_api": False}
 
 
 def execute(args, shell=False, grace=None):
@@ -1695,17 +1740,21 @@ def execute(args, shell=False, grace=None):
     Output is collected through temporary files (no pipe can fill up) and
     returned as bytes. The command runs in its own process group, so a
     timeout or stop signal kills it with everything it started, after the
-    running pilot's grace period (or ``grace`` seconds).
+    running pilot's grace period (or ``grace`` seconds). Inside an old-API
+    pilot (``process_token``) it returns ``(returncode, stdout, stderr)``,
+    as the old API did.
     """
     import subprocess
     import tempfile
-    grace = _active_grace[0] if grace is None else grace
+    grace = _active["grace"] if grace is None else grace
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         returncode = run_command(args, stdout=out, stderr=err, shell=shell, grace=grace)
         out.seek(0)
         err.seek(0)
-        proc = subprocess.CompletedProcess(args, returncode)
-        return proc, returncode, out.read(), err.read()
+        stdout, stderr = out.read(), err.read()
+    if _active["old_api"]:
+        return returncode, stdout, stderr
+    return subprocess.CompletedProcess(args, returncode, stdout, stderr), returncode, stdout, stderr
 
 
 def read_log(path, limit=DEFAULT_LOG_LIMIT):
@@ -1747,17 +1796,22 @@ RESULT_SAVE_PATIENCE = 3600.0
 class _Lease(object):
     """The running token: its revision, and the heartbeat that keeps it fresh.
 
-    Every write to the token while it runs goes through here, so the pilot
-    always knows the revision it last wrote itself. ``lost`` is set to the
-    document found when the token was reset or taken by someone else.
+    Every write picas.py makes to the token while it runs goes through here,
+    so the pilot always knows the revision it last wrote. ``claimed`` is the
+    token as it was claimed; ``lost`` is set to the document found when the
+    token was reset or taken by someone else. When user code saves the token
+    itself, a heartbeat that meets the conflict keeps the user's changes and
+    hands the new revision to the running token object.
     """
 
     def __init__(self, db, token, interval):
         self.db = db
+        self.task = token
         self.claimed = Task(dict(token))
         self.rev = token["_rev"]
         self.interval = interval
         self.lost = None
+        self._base = dict(token)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
@@ -1776,33 +1830,56 @@ class _Lease(object):
                 return
 
     def beat(self):
-        """Write ``heartbeat = now`` to the token, on the revision this pilot wrote last."""
+        """Write ``heartbeat = now`` to the token, on the revision this pilot knows."""
         with self._lock:
             if self.lost is not None:
                 return
-            body = dict(self.claimed, heartbeat=_now(), _rev=self.rev)
-            try:
-                self.db.save(body)
-            except Conflict:
-                current = self.db.get(body["_id"])
-                if self.owns(current):
-                    self.rev = current["_rev"]     # someone edited another field; go on
-                    return
-                self.lost = current or {}
-                log.warning("token %s was reset or taken by someone else while this pilot "
-                            "ran it; the result will be kept in its error list", body["_id"])
+            body = dict(self._base, heartbeat=_now(), _rev=self.rev)
+            for _ in range(5):
+                try:
+                    self.db.save(body)
+                    break
+                except Conflict:
+                    current = self.db.get(body["_id"])
+                    if not self.owns(current):
+                        self.lost = current or {}
+                        log.warning("token %s was reset or taken by someone else while this "
+                                    "pilot ran it; its result will be kept in the token's "
+                                    "error list", body["_id"])
+                        return
+                    body = dict(current, heartbeat=_now())   # keep what others wrote
+            else:
                 return
             self.rev = body["_rev"]
-            self.claimed["heartbeat"] = body["heartbeat"]
+            self._base = body
+            if self.task.get("_rev") != self.rev:
+                self.task["_rev"] = self.rev
+            self.task["heartbeat"] = body["heartbeat"]
 
     def owns(self, current):
+        """True while ``current`` (the stored token) still belongs to this claim."""
         return (current is not None and current.get("claim_id") == self.claimed.get("claim_id")
-                and token_state(current) == "locked")
+                and token_state(current) in ("locked", "done", "error"))
 
     def stop(self):
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+
+
+def _ensure_log_output():
+    """Show the pilot's INFO lines on stderr when the application configured no logging.
+
+    A library should not configure logging, but a pilot whose log goes
+    nowhere leaves users blind in their job output; upstream printed too.
+    """
+    if not logging.getLogger().handlers and not any(
+            not isinstance(h, logging.NullHandler) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s picas: %(message)s"))
+        log.addHandler(handler)
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.INFO)
 
 
 class RunActor(object):
@@ -1838,6 +1915,10 @@ class RunActor(object):
     def __init__(self, db, iterator=None, view="todo", token_reset_values=(0, 0),
                  design_doc="Monitor", heartbeat=DEFAULT_HEARTBEAT, grace=DEFAULT_GRACE,
                  **view_params):
+        if isinstance(db, ViewIterator) and hasattr(db, "client"):
+            # The old API: RunActor(iterator, modifier).
+            iterator, self.modifier, self.client = db, iterator, db.client
+            db = db.client.db
         self.db = db
         if iterator is None:
             iterator = TaskViewIterator(db, view, design_doc=design_doc, **view_params)
@@ -1855,6 +1936,10 @@ class RunActor(object):
     @property
     def pilot_id(self):
         return getattr(self.iterator, "pilot_id", None)
+
+    @property
+    def _db(self):
+        return _database(getattr(self, "db", None) or self.iterator.database)
 
     # -- hooks --------------------------------------------------------------
 
@@ -1887,6 +1972,11 @@ class RunActor(object):
         token with ``scrub_count < max_scrub`` goes back to todo with
         ``scrub_count + 1``.
         """
+        if stop_function is None and "maxtime" in stop_function_args:
+            maxtime = stop_function_args.pop("maxtime")      # the old API's run(maxtime)
+            max_total_time = maxtime if maxtime and maxtime > 0 else max_total_time
+        _ensure_log_output()
+        self._defaults()
         self._start = time.time()
         self._limits = (max_token_time, max_total_time, max_tasks, stop_function,
                         stop_function_args)
@@ -1896,7 +1986,8 @@ class RunActor(object):
             self.iterator._configure(lambda: not self._may_claim(),
                                      {"heartbeat_interval": self.heartbeat or 0})
         saved = self._install_signal_handlers()
-        outer_grace, _active_grace[0] = _active_grace[0], self.grace
+        outer = dict(_active)
+        _active.update(grace=self.grace, old_api=self._old_api())
         try:
             self.prepare_env()
             while self._may_claim():
@@ -1914,9 +2005,25 @@ class RunActor(object):
                 self.cleanup_env()
             finally:
                 self._restore_signal_handlers(saved)
-                _active_grace[0] = outer_grace
+                _active.update(outer)
         if self.stop_signal is not None:
             raise SystemExit(128 + self.stop_signal)
+
+    def _defaults(self):
+        # Old-API subclasses often set their attributes without calling
+        # RunActor.__init__; give them what the loop needs.
+        for name, value in (("token_reset_values", (0, 0)), ("heartbeat", DEFAULT_HEARTBEAT),
+                            ("grace", DEFAULT_GRACE), ("current_task", None),
+                            ("tasks_processed", 0), ("subprocess", None), ("stop_signal", None),
+                            ("_phase", "idle"), ("_lease", None)):
+            if not hasattr(self, name):
+                setattr(self, name, value)
+
+    def _old_api(self):
+        """True for old-API actors: they define process_token(key, token) and save tokens themselves."""
+        return (hasattr(self, "process_token") and
+                getattr(type(self).process_task, "__func__", type(self).process_task)
+                is RunActor.process_task)
 
     def _may_claim(self):
         max_token_time, max_total_time, max_tasks, stop_function, kwargs = self._limits
@@ -1937,7 +2044,7 @@ class RunActor(object):
     def _process(self, task):
         """Run one claimed token and save its result (or give it back)."""
         self.current_task = task
-        lease = self._lease = _Lease(self.db, task, self.heartbeat)
+        lease = self._lease = _Lease(self._db, task, self.heartbeat)
         outcome = "finished"
         try:
             if self.stop_signal is not None:
@@ -1950,6 +2057,12 @@ class RunActor(object):
             self.subprocess = None
         if outcome == "interrupted":
             self._give_back(task, lease)
+        elif self._old_api():
+            # Old-API actors save their tokens themselves; only a failure is recorded here.
+            if outcome != "finished":
+                self._record_failure(task, lease)
+            self.cleanup_run()
+            self.tasks_processed += 1
         else:
             self._finish(task, lease)
             self.cleanup_run()
@@ -1964,7 +2077,10 @@ class RunActor(object):
             if timer and hasattr(signal, "setitimer"):
                 signal.setitimer(signal.ITIMER_REAL, timer)
             self.prepare_run()
-            self.process_task(task)
+            if self._old_api():
+                self.process_token(getattr(task, "view_key", task["_id"]), task)
+            else:
+                self.process_task(task)
             self._phase = "saving"
             return "finished"
         except TaskTimeout:
@@ -2016,16 +2132,15 @@ class RunActor(object):
 
     def _save_result(self, task, lease):
         """Save ``task`` on the lease's revision; never drop the result."""
-        task["_rev"] = lease.rev
         deadline = time.time() + RESULT_SAVE_PATIENCE
         while True:
             if lease.lost is not None:
                 return self._keep_orphan_result(task, lease.lost)
             try:
-                self.db.save(task)
+                self._db.save(task)
                 return True
             except Conflict:
-                current = self.db.get(task["_id"])
+                current = self._db.get(task["_id"])
                 if lease.owns(current):
                     # Someone changed another field or added an attachment while
                     # the token was ours: apply our changes on top of theirs.
@@ -2056,16 +2171,32 @@ class RunActor(object):
             current["error"] = (errors if isinstance(errors, list) else
                                 [] if errors in (None, "") else [errors]) + [entry]
             try:
-                self.db.save(current)
+                self._db.save(current)
                 return False
             except Conflict:
-                current = self.db.get(task["_id"])
+                current = self._db.get(task["_id"])
                 if current is None:
                     break
             except PicasError:
                 break
         _stash_result(task, "the token was reset or taken and could not be annotated")
         return False
+
+    def _record_failure(self, task, lease):
+        """Old API: put the error the user code hit into the token, if it is still ours."""
+        errors = task.get("error") if isinstance(task.get("error"), list) else []
+        for _ in range(10):
+            current = self._db.get(task["_id"])
+            if not lease.owns(current) or token_state(current) != "locked":
+                return
+            current["error"] = (current.get("error") if isinstance(current.get("error"), list)
+                                else []) + errors[-1:]
+            Task.error(current, errors[-1]["message"] if errors else "process_token failed")
+            try:
+                self._db.save(current)
+                return
+            except Conflict:
+                continue
 
     def _give_back(self, task, lease):
         """Put an interrupted token back to todo, if it is still this pilot's."""
@@ -2076,11 +2207,11 @@ class RunActor(object):
             body.pop(field, None)
         for _ in range(10):
             try:
-                self.db.save(body)
+                self._db.save(body)
                 log.warning("token %s went back to todo (the pilot was stopped)", task["_id"])
                 return
             except Conflict:
-                current = self.db.get(task["_id"])
+                current = self._db.get(task["_id"])
                 if not lease.owns(current):
                     return
                 body["_rev"] = current["_rev"]
@@ -2353,6 +2484,289 @@ def bulk_apply(db, docs, change, batch=500):
         a, b = flush()
         changed, conflicts = changed + a, conflicts + b
     return changed, conflicts
+
+
+###############################################################################
+# Upstream picas names: scripts written for picas keep working ###############
+###############################################################################
+#
+# Both upstream APIs are served from this file: the current one (CouchDB,
+# Task, RunActor.process_task) and the old one of SURF's documentation
+# (CouchClient, BasicViewIterator yielding (key, ref, token), RunActor
+# (iterator, modifier) with process_token(key, token) that saves the token
+# itself). The module names upstream scripts import -- picas.clients,
+# picas.iterators, picas.actors, ... -- are registered below. Deliberate
+# differences are listed in the README ("Coming from picas").
+
+#: Upstream's name for the version.
+VERSION = __version__
+
+ResourceNotFound = NotFound
+ResourceConflict = Conflict
+
+
+class _CouchDatabase(Database):
+    """A :class:`Database` with python-couchdb's signatures, for old scripts' ``client.db``."""
+
+    def __setitem__(self, doc_id, doc):
+        doc["_id"] = doc_id
+        self.save(doc)
+
+    def put_attachment(self, doc, content, filename=None, content_type=None):
+        if hasattr(content, "read"):
+            filename = filename or os.path.basename(getattr(content, "name", "attachment"))
+            content = content.read()
+        if content_type is None:
+            import mimetypes
+            content_type = mimetypes.guess_type(filename or "")[0] or "application/octet-stream"
+        return Database.put_attachment(self, doc, filename, content, content_type)
+
+    def get_attachment(self, id_or_doc, filename, default=None):
+        import io
+        data = Database.get_attachment(self, id_or_doc, filename)
+        return default if data is None else io.BytesIO(data)
+
+
+class CouchDB(object):
+    """Upstream picas' client: ``CouchDB(url, db, username, password, ssl_verification, create)``.
+
+    ``create=True`` creates the database (an error if it exists); otherwise
+    it must exist. ``.db`` is the database with python-couchdb's methods.
+    """
+
+    def __init__(self, url="http://localhost:5984", db="test", username=None, password="",
+                 ssl_verification=True, create=False):
+        self.server = Server(url, username, password, verify=ssl_verification)
+        self._settings = (url, db, username, password, ssl_verification)
+        self.db = _CouchDatabase(self.server, db)
+        if create:
+            self.server.create_database(db)
+        elif not self.db.exists():
+            raise NotFound(404, "not_found", "database %r does not exist" % db, "HEAD", "/" + db)
+
+    def __repr__(self):
+        return "CouchDB(%r, %r)" % (self.server.url, self.db.name)
+
+    @property
+    def _picas_database(self):
+        return self.db
+
+    def copy(self):
+        url, db, username, password, verify = self._settings
+        return CouchDB(url, db, username, password, verify)
+
+    def __getitem__(self, doc_id):
+        return self.db[doc_id]
+
+    def get(self, doc_id):
+        doc = self.db.get(doc_id)
+        if doc is None:
+            raise ValueError("document %r not found" % doc_id)
+        return Document(doc)
+
+    def view(self, view, design_doc="Monitor", **params):
+        return self.db.view("%s/%s" % (design_doc, view), **params)
+
+    def get_from_view(self, view, design_doc="Monitor", **params):
+        params["include_docs"] = True
+        return [Document(row["doc"]) for row in self.view(view, design_doc, **params)
+                if row.get("doc")]
+
+    def get_single_from_view(self, view, window_size=1, design_doc="Monitor", **params):
+        rows = [row for row in self.view(view, design_doc, limit=window_size,
+                                         include_docs=True, **params) if row.get("doc")]
+        if not rows:
+            raise IndexError("view %s/%s is empty" % (design_doc, view))
+        return Document(random.choice(rows)["doc"])
+
+    def save(self, doc):
+        self.db.save(doc)
+        return doc
+
+    def save_documents(self, docs):
+        return [ok for ok, _, _ in self.db.update(docs)]
+
+    def add_view(self, view, map_fun, reduce_fun=None, design_doc="Monitor", *args, **kwargs):
+        definition = {"map": map_fun}
+        if reduce_fun:
+            definition["reduce"] = reduce_fun
+        self.db.ensure_design(design_doc, {view: definition})
+
+    def delete(self, doc):
+        self.db.delete(doc)
+
+    def delete_documents(self, docs):
+        tombstones = [{"_id": d["_id"], "_rev": d["_rev"], "_deleted": True} for d in docs]
+        return [ok for ok, _, _ in self.db.update(tombstones)]
+
+    def delete_from_view(self, view, design_doc="Monitor"):
+        return self.delete_documents(self.get_from_view(view, design_doc))
+
+    def set_users(self, admins=None, members=None, admin_roles=None, member_roles=None):
+        security = self.db.request("GET", "/_security")[2] or {}
+        for group, names, roles in (("admins", admins, admin_roles),
+                                    ("members", members, member_roles)):
+            entry = security.setdefault(group, {})
+            for key, values in (("names", names), ("roles", roles)):
+                merged = list(entry.get(key, []))
+                merged += [v for v in (values or []) if v not in merged]
+                entry[key] = merged
+        self.db.request("PUT", "/_security", body=security, retry=True)
+
+    def is_view_nonempty(self, view, design_doc="Monitor", **params):
+        try:
+            return len(self.view(view, design_doc, limit=1, **params)) > 0
+        except NotFound:
+            return False
+
+    def doc_count(self):
+        return self.db.info()["doc_count"]
+
+
+class CouchClient(object):
+    """The old API's client: ``.server`` and ``.db`` (python-couchdb style)."""
+
+    def __init__(self, url="http://localhost:5984", db="test", username="", password="",
+                 ssl_verification=True):
+        self.server = Server(url, username or None, password, verify=ssl_verification)
+        self.db = _CouchDatabase(self.server, db)
+
+    @property
+    def _picas_database(self):
+        return self.db
+
+    def get_all(self, view_location, view_params=None):
+        return list(self.db.view(view_location, **(view_params or {})))
+
+    def modify_token(self, token):
+        self.db.save(token)
+        return token
+
+    def update_all(self, docs):
+        return self.db.update(docs)
+
+
+class BasicViewIterator(ViewIterator):
+    """The old API's iterator: yields ``(key, ref, token)`` for each claimed token.
+
+    ``key`` and ``ref`` are the view row's key and value (the standard views
+    emit the token id for both); ``token`` is the locked token (a dict).
+    """
+
+    def __init__(self, client, view_location, modifier=None, view_params=None):
+        ViewIterator.__init__(self)
+        self.client = client
+        self.modifier = modifier
+        self.database = client.db
+        self._claimer = _Claimer(client.db, view_location, **(view_params or {}))
+
+    pilot_id = property(lambda self: self._claimer.pilot_id)
+    stats = property(lambda self: self._claimer.stats)
+    _configure = TaskViewIterator._configure
+
+    def claim_task(self):
+        return self._claimer.claim()
+
+    def __next__(self):
+        token = ViewIterator.__next__(self)
+        return token.view_key, token.view_value, token
+
+    next = __next__
+
+
+AbstractRunActor = RunActor
+TokenModifier = BasicTokenModifier
+
+
+class Timer(object):
+    """Seconds since it was made or last reset."""
+
+    def __init__(self):
+        self.reset()
+
+    def elapsed(self):
+        return time.time() - self.start
+
+    def reset(self):
+        self.start = time.time()
+
+
+def time_elapsed(timer, max=30.0):
+    """True when ``timer`` has run longer than ``max`` seconds."""
+    return timer.elapsed() > max
+
+
+def merge_dicts(dict1, dict2):
+    """A deep copy of ``dict1`` updated with ``dict2``."""
+    merged = json.loads(json.dumps(dict1))
+    merged.update(dict2)
+    return merged
+
+
+def seconds():
+    return _now()
+
+
+def add_job_id(doc):
+    """Record the batch system's job ids in ``doc`` (see :func:`job_ids`)."""
+    doc.update(job_ids())
+    return doc
+
+
+def remove_job_id(doc):
+    for field in _JOB_ID_FIELDS:
+        doc.pop(field, None)
+    return doc
+
+
+class TokenGenerator(object):
+    @staticmethod
+    def get_empty_token():
+        return {"lock": 0, "done": 0, "hostname": "", "scrub_count": 0, "type": "token"}
+
+
+def execute_old(cmd):
+    """Upstream's ``os.system`` runner, in its own process group like every task here."""
+    return run_command(cmd, shell=True)
+
+
+def _register_upstream_modules():
+    """Make ``picas.clients``, ``picas.iterators``, ... importable from this one file.
+
+    Works when this file is imported as ``picas`` (or vendored under another
+    name) and when it runs as a script (then it also answers to ``picas``).
+    """
+    import types
+    this = sys.modules[__name__]
+    base = __name__
+    if __name__ == "__main__":
+        base = "picas"
+        sys.modules.setdefault("picas", this)
+    submodules = {
+        "clients": ("CouchDB", "CouchClient"),
+        "documents": ("Document", "Task"),
+        "iterators": ("ViewIterator", "TaskViewIterator", "PrioritizedViewIterator",
+                      "EndlessViewIterator", "BasicViewIterator"),
+        "modifiers": ("TokenModifier", "BasicTokenModifier"),
+        "actors": ("RunActor", "AbstractRunActor"),
+        "executers": ("execute", "execute_old"),
+        "util": ("Timer", "time_elapsed", "merge_dicts", "seconds"),
+        "jobid": ("add_job_id", "remove_job_id"),
+        "generators": ("TokenGenerator",),
+        "picaslogger": ("picaslogger",),
+    }
+    for name, names in submodules.items():
+        module = types.ModuleType("%s.%s" % (base, name))
+        module.__doc__ = "Upstream picas' %s names, served by picas.py." % name
+        for attr in names:
+            setattr(module, attr, getattr(this, attr))
+        sys.modules[module.__name__] = module
+        setattr(this, name, module)
+
+
+#: Upstream's logger name.
+picaslogger = log
+_register_upstream_modules()
 
 
 ###############################################################################
