@@ -1998,6 +1998,8 @@ class RunActor(object):
                     break
                 finally:
                     self._phase = "idle"
+                if isinstance(task, tuple):          # old API: (key, ref, token)
+                    task = task[-1]
                 self._process(task)
         finally:
             self._phase = "stopping"

@@ -7,24 +7,20 @@ database. Set ``PICAS_TEST_COUCHDB_URL`` (credentials included, e.g.
 ``http://admin:pw@127.0.0.1:5984``) to run the same tests against a real
 Apache CouchDB instead.
 """
-import fcntl
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 import uuid
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER_DIR = os.path.join(ROOT, "tests", "server")
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for path in (ROOT, SERVER_DIR):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 import picas  # noqa: E402
+import pouchdb  # noqa: E402
 
 #: The admin password of the test server. Tests grep output for it: it must
 #: never show up anywhere picas.py writes.
@@ -32,27 +28,11 @@ SENTINEL_PASSWORD = "Sentinel-pw-7c1e9b"
 ADMIN = "admin"
 
 
-def free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
 def install_pouchdb_server():
-    """Install pouchdb-server with ``npm ci`` once (guarded by a lock for parallel runs)."""
-    binary = os.path.join(SERVER_DIR, "node_modules", "pouchdb-server", "bin", "pouchdb-server")
-    with open(os.path.join(SERVER_DIR, ".install.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(binary):
-            npm = shutil.which("npm")
-            if npm is None:
-                pytest.exit("npm is not installed: the tests need Node.js and npm to run "
-                            "pouchdb-server (or set PICAS_TEST_COUCHDB_URL)", 3)
-            subprocess.check_call([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund",
-                                   "--loglevel=error"], cwd=SERVER_DIR)
-    return binary
+    try:
+        return pouchdb.install()
+    except pouchdb.SetupError as exc:
+        pytest.exit("%s; or set PICAS_TEST_COUCHDB_URL to a CouchDB server" % exc, 3)
 
 
 class CouchTestServer(object):
@@ -60,7 +40,6 @@ class CouchTestServer(object):
 
     def __init__(self):
         self.proc = None
-        self.workdir = None
         external = os.environ.get("PICAS_TEST_COUCHDB_URL")
         if external:
             probe = picas.Server(external)
@@ -76,37 +55,14 @@ class CouchTestServer(object):
             self.start()
 
     def start(self):
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        self.workdir = tempfile.mkdtemp(prefix="picas-pouchdb-")
-        with open(os.path.join(self.workdir, "config.json"), "w") as fh:
-            fh.write('{"admins": {"%s": "%s"}, "log": {"level": "error"}}'
-                     % (self.username, self.password))
-        self.proc = subprocess.Popen(
-            ["node", self.binary, "--in-memory", "-o", "127.0.0.1", "-p", str(self.port), "-n"],
-            cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if self.alive():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise RuntimeError("pouchdb-server did not start on %s" % self.url)
+        self._pouch = pouchdb.PouchDBServer(self.username, self.password).start()
+        self.proc = self._pouch.proc
+        self.url = self._pouch.url
 
     def stop(self):
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self._pouch.stop()
             self.proc = None
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
 
     def alive(self):
         try:

@@ -107,10 +107,10 @@ def main(argv=None):
         "%s (%s)" % (v, p) for v, p in interpreters.items()), flush=True)
 
     # Install the test server once, before parallel runs need it.
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, os.path.join(HERE, "server"))
     if not os.environ.get("PICAS_TEST_COUCHDB_URL"):
-        import conftest
-        conftest.install_pouchdb_server()
+        import pouchdb
+        pouchdb.install()
 
     workdir = tempfile.mkdtemp(prefix="picas-tests-")
     results = {}

@@ -1,6 +1,4 @@
 """The token life cycle against the live server: claims, modifiers, the actor loop."""
-import json
-import os
 import signal
 import subprocess
 import sys
