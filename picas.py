@@ -957,6 +957,14 @@ def standard_views(condition=None):
     return views
 
 
+#: A design document of its own (so ``Monitor`` stays as upstream wrote it):
+#: tokens with conflicting revisions, as a CouchDB cluster can leave them.
+CONFLICTS_DESIGN = "Conflicts"
+CONFLICTS_VIEWS = {"conflicts": {"map": (
+    'function(doc) {\n  if(doc.type == "token" && doc._conflicts) {\n'
+    '    emit(doc._id, doc._conflicts.length);\n  }\n}\n')}}
+
+
 def _js_number(value):
     """Return ``value`` as JavaScript's ``==`` with a number would see it, or None."""
     if isinstance(value, bool):
@@ -2427,19 +2435,30 @@ def scrub_token(token):
     return Task.scrub(token)
 
 
-def select_tokens(db, view, design_doc="Monitor", older_than=None, stale=False,
-                  lease_factor=3.0, now=None):
+def is_stale(doc, now=None, lease_factor=3.0):
+    """True when ``doc`` is locked by a pilot that stopped sending heartbeats.
+
+    Its ``heartbeat`` (or lock time) is older than ``lease_factor`` times its
+    ``heartbeat_interval`` plus a minute. Tokens without a heartbeat interval
+    (upstream pilots, or heartbeats switched off) are never stale.
+    """
+    now = time.time() if now is None else now
+    interval = _js_number(doc.get("heartbeat_interval")) or 0
+    beat = _js_number(doc.get("heartbeat")) or _js_number(doc.get("lock")) or 0
+    return (token_state(doc) == "locked" and interval > 0 and
+            now - beat > lease_factor * interval + 60)
+
+
+def select_tokens(db, view, design_doc="Monitor", older_than=None, stale=False, now=None):
     """Yield the documents in ``view`` that ``reset``/``delete`` should touch.
 
     ``older_than`` (seconds) keeps tokens locked longer ago than that;
-    ``stale`` keeps locked tokens whose pilot stopped sending heartbeats:
-    ``heartbeat`` older than ``lease_factor`` times its ``heartbeat_interval``
-    (plus a minute). Tokens without a heartbeat interval (upstream pilots, or
-    heartbeats switched off) are never stale; use ``older_than`` for them.
+    ``stale`` keeps locked tokens whose pilot is gone (:func:`is_stale`).
+    Documents come with their ``_conflicts``, if any.
     """
     now = time.time() if now is None else now
     name = view if "/" in view else "%s/%s" % (design_doc, view)
-    for row in db.iterview(name, batch=500, include_docs=True):
+    for row in db.iterview(name, batch=500, include_docs=True, conflicts=True):
         doc = row.get("doc")
         if not doc or doc.get("_id", "").startswith("_design/"):
             continue
@@ -2447,13 +2466,42 @@ def select_tokens(db, view, design_doc="Monitor", older_than=None, stale=False,
             lock = _js_number(doc.get("lock")) or 0
             if not (lock > 0 and now - lock > older_than):
                 continue
-        if stale:
-            interval = _js_number(doc.get("heartbeat_interval")) or 0
-            beat = _js_number(doc.get("heartbeat")) or _js_number(doc.get("lock")) or 0
-            if token_state(doc) != "locked" or interval <= 0 or \
-                    now - beat <= lease_factor * interval + 60:
-                continue
+        if stale and not is_stale(doc, now):
+            continue
         yield doc
+
+
+def conflicted_tokens(db):
+    """Ids of tokens with conflicting revisions, or None when the Conflicts view is missing."""
+    try:
+        return [row["id"] for row in db.iterview("%s/conflicts" % CONFLICTS_DESIGN)]
+    except NotFound:
+        return None
+
+
+def _tombstone(doc):
+    return {"_id": doc["_id"], "_rev": doc["_rev"], "_deleted": True}
+
+
+def repair_plan(db, doc, now=None):
+    """The writes that free a token from dead pilots: a list of documents, maybe empty.
+
+    A token on a CouchDB cluster can hold several revisions ("leaves") after
+    concurrent lock writes. Leaves locked by a pilot that is gone
+    (:func:`is_stale`) are removed; if the winning leaf is such a leaf and no
+    other leaf is alive, the token goes back to todo instead. Leaves that hold
+    a result or a live lock are never touched.
+    """
+    winner = dict(doc)
+    conflict_revs = winner.pop("_conflicts", None) or []
+    losers = [leaf for leaf in (db.get(doc["_id"], rev=rev) for rev in conflict_revs) if leaf]
+    writes = [_tombstone(leaf) for leaf in losers if is_stale(leaf, now)]
+    if is_stale(winner, now):
+        if len(writes) < len(losers):
+            writes.append(_tombstone(winner))      # a live or finished leaf takes over
+        else:
+            writes.append(scrub_token(winner))
+    return writes
 
 
 def bulk_apply(db, docs, change, batch=500):
@@ -2478,7 +2526,8 @@ def bulk_apply(db, docs, change, batch=500):
         return ok_count, bad
 
     for doc in docs:
-        pending.append(change(doc))
+        result = change(doc)
+        pending.extend(result if isinstance(result, list) else [result])
         if len(pending) >= batch:
             a, b = flush()
             changed, conflicts = changed + a, conflicts + b
@@ -3023,6 +3072,7 @@ def cmd_views(args, db):
         log.info("created database %s", db.name)
     _require_db(db)
     changed = db.ensure_design(args.design_doc, standard_views(args.filter))
+    db.ensure_design(CONFLICTS_DESIGN, CONFLICTS_VIEWS)
     log.info("views in _design/%s %s: %s", args.design_doc,
              "created or updated" if changed else "already up to date",
              ", ".join(name for name, _ in _STATE_CONDITIONS) + ", overview_total")
@@ -3090,6 +3140,9 @@ def cmd_status(args, db):
             total = sum(counts.values())
             line = "todo %(todo)d  locked %(locked)d  done %(done)d  error %(error)d" % counts
             line += "  (%d tokens)" % total
+            conflicted = conflicted_tokens(db)
+            if conflicted:
+                line += "  CONFLICTED %d (reset locked --stale repairs them)" % len(conflicted)
             now = time.time()
             finished = counts["done"] + counts["error"]
             if previous is not None and now > previous[0]:
@@ -3155,8 +3208,10 @@ def cmd_run(args, db):
 
 def cmd_reset(args, db):
     _require_db(db)
+    if args.stale:
+        return _reset_stale(args, db)
     older = args.older_than * 3600 if args.older_than is not None else None
-    docs = list(select_tokens(db, args.view, args.design_doc, older_than=older, stale=args.stale))
+    docs = list(select_tokens(db, args.view, args.design_doc, older_than=older))
     if not docs:
         print("no tokens to reset in %s" % args.view)
         return EXIT_OK
@@ -3165,6 +3220,33 @@ def cmd_reset(args, db):
     changed, conflicts = bulk_apply(db, docs, scrub_token)
     print("reset %d tokens to todo%s" % (changed, ", %d changed meanwhile and were left alone"
                                          % conflicts if conflicts else ""))
+    return EXIT_OK
+
+
+def _reset_stale(args, db):
+    """reset --stale: free tokens of dead pilots, and repair conflicted tokens."""
+    now = time.time()
+    docs = dict((d["_id"], d) for d in select_tokens(db, args.view, args.design_doc, stale=True,
+                                                     now=now))
+    for doc_id in conflicted_tokens(db) or []:
+        if doc_id not in docs:
+            doc = db.get(doc_id, conflicts=True)
+            if doc is not None:
+                docs[doc_id] = doc
+    plans = [plan for plan in (repair_plan(db, doc, now) for doc in docs.values()) if plan]
+    if not plans:
+        print("no stale tokens in %s" % args.view)
+        return EXIT_OK
+    resets = sum(1 for plan in plans for d in plan if not d.get("_deleted"))
+    removed = sum(len(plan) for plan in plans) - resets
+    question = "reset %d stale tokens to todo%s?" % (
+        resets, " and remove %d revisions of dead pilots' locks" % removed if removed else "")
+    if not _confirm(question, args.yes):
+        return EXIT_OK
+    changed, conflicts = bulk_apply(db, plans, lambda plan: plan)
+    print("reset %d stale tokens to todo%s%s" % (
+        resets, ", removed %d conflicting revisions" % removed if removed else "",
+        ", %d writes met changes and were left alone" % conflicts if conflicts else ""))
     return EXIT_OK
 
 
