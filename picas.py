@@ -2102,6 +2102,11 @@ class RunActor(object):
         except PilotInterrupted:
             self._phase = "saving"
             return "interrupted"
+        except PicasError as exc:
+            self._phase = "saving"
+            log.error("token %s: %s", task["_id"], exc)
+            task.error(str(exc))
+            return "failed"
         except Exception as exc:
             self._phase = "saving"
             log.exception("token %s: process_task raised %r", task["_id"], exc)
@@ -2307,6 +2312,10 @@ def _stash_result(task, why):
 # The generic pilot: run a command for every token ############################
 ###############################################################################
 
+#: Linux limits one argument or environment string to 128 KiB (MAX_ARG_STRLEN).
+_MAX_ARG = 128 * 1024
+
+
 class CommandActor(RunActor):
     """The pilot behind ``picas.py run -- COMMAND ARGS...``.
 
@@ -2338,6 +2347,11 @@ class CommandActor(RunActor):
         value = token.get("input")
         arg = value if isinstance(value, str) else json.dumps(value)
         tid = token["_id"]
+        if len(arg.encode("utf-8", "surrogateescape")) >= _MAX_ARG:
+            raise PicasError("the token's input is %d bytes, more than one command-line argument "
+                             "may hold (%d); keep large data in a file or an attachment and put "
+                             "its name in the input" % (len(arg.encode("utf-8", "replace")),
+                                                        _MAX_ARG))
         safe = quote(tid, safe="")
         token_file = os.path.join(self.tmpdir, "token-%s.json" % safe)
         with open(token_file, "w") as fh:
@@ -2435,21 +2449,24 @@ def scrub_token(token):
     return Task.scrub(token)
 
 
-def is_stale(doc, now=None, lease_factor=3.0):
+def is_stale(doc, now=None, lease=None):
     """True when ``doc`` is locked by a pilot that stopped sending heartbeats.
 
-    Its ``heartbeat`` (or lock time) is older than ``lease_factor`` times its
-    ``heartbeat_interval`` plus a minute. Tokens without a heartbeat interval
-    (upstream pilots, or heartbeats switched off) are never stale.
+    Its ``heartbeat`` (or lock time) is older than the lease: by default three
+    times its ``heartbeat_interval`` plus a minute; ``lease`` seconds when
+    given, but never less than twice the interval (a live pilot is never
+    declared dead). Tokens without a heartbeat interval (upstream pilots, or
+    heartbeats switched off) are never stale.
     """
     now = time.time() if now is None else now
     interval = _js_number(doc.get("heartbeat_interval")) or 0
     beat = _js_number(doc.get("heartbeat")) or _js_number(doc.get("lock")) or 0
-    return (token_state(doc) == "locked" and interval > 0 and
-            now - beat > lease_factor * interval + 60)
+    limit = 3 * interval + 60 if lease is None else max(lease, 2 * interval)
+    return token_state(doc) == "locked" and interval > 0 and now - beat > limit
 
 
-def select_tokens(db, view, design_doc="Monitor", older_than=None, stale=False, now=None):
+def select_tokens(db, view, design_doc="Monitor", older_than=None, stale=False, now=None,
+                  lease=None):
     """Yield the documents in ``view`` that ``reset``/``delete`` should touch.
 
     ``older_than`` (seconds) keeps tokens locked longer ago than that;
@@ -2466,7 +2483,7 @@ def select_tokens(db, view, design_doc="Monitor", older_than=None, stale=False, 
             lock = _js_number(doc.get("lock")) or 0
             if not (lock > 0 and now - lock > older_than):
                 continue
-        if stale and not is_stale(doc, now):
+        if stale and not is_stale(doc, now, lease):
             continue
         yield doc
 
@@ -2483,7 +2500,7 @@ def _tombstone(doc):
     return {"_id": doc["_id"], "_rev": doc["_rev"], "_deleted": True}
 
 
-def repair_plan(db, doc, now=None):
+def repair_plan(db, doc, now=None, lease=None):
     """The writes that free a token from dead pilots: a list of documents, maybe empty.
 
     A token on a CouchDB cluster can hold several revisions ("leaves") after
@@ -2495,8 +2512,8 @@ def repair_plan(db, doc, now=None):
     winner = dict(doc)
     conflict_revs = winner.pop("_conflicts", None) or []
     losers = [leaf for leaf in (db.get(doc["_id"], rev=rev) for rev in conflict_revs) if leaf]
-    writes = [_tombstone(leaf) for leaf in losers if is_stale(leaf, now)]
-    if is_stale(winner, now):
+    writes = [_tombstone(leaf) for leaf in losers if is_stale(leaf, now, lease)]
+    if is_stale(winner, now, lease):
         if len(writes) < len(losers):
             writes.append(_tombstone(winner))      # a live or finished leaf takes over
         else:
@@ -3001,6 +3018,9 @@ def _build_parser():
                                help="only tokens locked more than HOURS ago")
             group.add_argument("--stale", action="store_true",
                                help="only locked tokens whose pilot stopped its heartbeat")
+            p.add_argument("--lease", type=float, metavar="S",
+                           help="with --stale: a heartbeat older than S seconds is a dead pilot "
+                                "(default: 3 x its interval + 60; never less than 2 x)")
         p.set_defaults(func=cmd_reset if name == "reset" else cmd_delete)
     return parser
 
@@ -3227,13 +3247,14 @@ def _reset_stale(args, db):
     """reset --stale: free tokens of dead pilots, and repair conflicted tokens."""
     now = time.time()
     docs = dict((d["_id"], d) for d in select_tokens(db, args.view, args.design_doc, stale=True,
-                                                     now=now))
+                                                     now=now, lease=args.lease))
     for doc_id in conflicted_tokens(db) or []:
         if doc_id not in docs:
             doc = db.get(doc_id, conflicts=True)
             if doc is not None:
                 docs[doc_id] = doc
-    plans = [plan for plan in (repair_plan(db, doc, now) for doc in docs.values()) if plan]
+    plans = [plan for plan in (repair_plan(db, doc, now, args.lease) for doc in docs.values())
+             if plan]
     if not plans:
         print("no stale tokens in %s" % args.view)
         return EXIT_OK
