@@ -51,18 +51,15 @@ __all__ = [
 
 import base64
 import errno
-import http.client
 import json
 import logging
 import os
 import random
 import signal
-import socket
-import ssl
 import sys
 import threading
 import time
-from urllib.parse import quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlencode
 
 log = logging.getLogger("picas")
 log.addHandler(logging.NullHandler())
@@ -169,18 +166,43 @@ _RETRY_STATUSES = frozenset([429, 500, 502, 503, 504])
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
+def _split_url(url):
+    """Split ``url`` into (scheme, userinfo, host, port, path), never failing on the password.
+
+    The user name and password are everything before the last ``@`` of the
+    part after the scheme, so a password with ``/``, ``?``, ``#`` or ``@`` in
+    it, even unencoded, is never taken for a host, port or path.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url[2:] if url.startswith("//") else url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
+        userinfo, hostpart = None, rest
+    cut = min([i for i in (hostpart.find(c) for c in "/?#") if i >= 0] or [len(hostpart)])
+    netloc, path = hostpart[:cut], hostpart[cut:]
+    host, port = netloc, None
+    if netloc.startswith("["):
+        host, _, tail = netloc[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else None
+    elif ":" in netloc:
+        host, _, port = netloc.rpartition(":")
+    if port is not None:
+        port = int(port) if port.isdigit() else -1
+    return scheme.lower(), userinfo, host, port, path
+
+
 def redact_url(url):
     """Return ``url`` with any user name and password removed.
 
     >>> redact_url("https://alice:s3cret@couch.example.org:6984/db")
     'https://couch.example.org:6984/db'
+    >>> redact_url("alice:s3cret@couch.example.org")
+    'couch.example.org'
     """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = "[%s]" % host
-    netloc = host + (":%d" % parts.port if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    scheme, _, host, port, path = _split_url(url)
+    netloc = ("[%s]" % host if ":" in host else host) + (":%d" % port if port else "")
+    return ("%s://" % scheme if scheme else "") + netloc + path
 
 
 def _quote_id(doc_id):
@@ -224,6 +246,7 @@ def _ssl_context(verify=True, cafile=None, capath=None):
     grid nodes keep their CAs, usually ``/etc/grid-security/certificates``)
     are honoured when set.
     """
+    import ssl
     if not verify:
         log.warning("TLS certificate verification is switched OFF: anyone on the "
                     "network path can read and change what picas.py sends, "
@@ -269,21 +292,26 @@ class Server(object):
     def __init__(self, url="http://localhost:5984", username=None, password=None,
                  timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES, verify=True,
                  cafile=None, capath=None, view_timeout=DEFAULT_VIEW_TIMEOUT):
-        parts = urlsplit(url if "://" in url else "http://" + url)
-        if parts.scheme not in ("http", "https"):
+        scheme, userinfo, host, port, path = _split_url(url if "://" in url else "http://" + url)
+        if scheme not in ("http", "https"):
             raise PicasError("server URL %r: only http:// and https:// are supported"
                              % redact_url(url))
-        if not parts.hostname:
+        if not host:
             raise PicasError("server URL %r has no host name" % redact_url(url))
-        if parts.username and username is None:
-            username = unquote(parts.username)
-            password = unquote(parts.password or "")
-        self.url = redact_url(urlunsplit((parts.scheme, parts.netloc,
-                                          parts.path.rstrip("/"), "", "")))
-        self._scheme = parts.scheme
-        self._host = parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._prefix = parts.path.rstrip("/")
+        if port is not None and not 0 < port < 65536:
+            raise PicasError("server URL %r: the port is not a number from 1 to 65535 "
+                             "(a password with special characters must be percent-encoded, "
+                             "or given as PICAS_PASSWORD)" % redact_url(url))
+        if userinfo is not None and username is None:
+            name, _, secret = userinfo.partition(":")
+            username, password = unquote(name), unquote(secret)
+        path = path.partition("?")[0].partition("#")[0].rstrip("/")
+        self._scheme = scheme
+        self._host = host
+        self._port = port or (443 if scheme == "https" else 80)
+        self._prefix = path
+        self.url = "%s://%s%s%s" % (scheme, "[%s]" % host if ":" in host else host,
+                                    ":%d" % port if port else "", path)
         self.username = username
         self.timeout = timeout
         self.view_timeout = max(view_timeout, timeout)
@@ -292,12 +320,11 @@ class Server(object):
         if username is not None:
             pair = ("%s:%s" % (username, password or "")).encode("utf-8")
             self._auth = "Basic " + base64.b64encode(pair).decode("ascii")
-            if parts.scheme == "http" and self._host not in _LOOPBACK_HOSTS:
+            if scheme == "http" and self._host not in _LOOPBACK_HOSTS:
                 log.warning("sending the password for %s over plain http:// to %s: "
                             "anyone on the network path can read it; use https://",
                             username, self._host)
-        self._ssl = (_ssl_context(verify, cafile, capath)
-                     if parts.scheme == "https" else None)
+        self._ssl = _ssl_context(verify, cafile, capath) if scheme == "https" else None
         self._local = threading.local()
         #: Requests sent and answers received, for benchmarks and tests.
         self.request_count = 0
@@ -308,6 +335,7 @@ class Server(object):
     # -- connections --------------------------------------------------------
 
     def _connection(self):
+        import http.client
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid != os.getpid():
             conn = None          # inherited over fork(): never share a socket
@@ -359,6 +387,7 @@ class Server(object):
         :class:`ServerUnreachable` when retries are exhausted, and
         :class:`BadResponse` for bodies that are not JSON.
         """
+        import http.client
         if retry is None:
             retry = method in ("GET", "HEAD")
         url_path = self._prefix + path
@@ -397,7 +426,7 @@ class Server(object):
                 log.debug("%s %s%s failed (attempt %d of %d): %r", method, self.url,
                           path, attempt + 1, attempts, last)
                 continue
-            if status in _RETRY_STATUSES and retry and attempt + 1 < attempts:
+            if status in _RETRY_STATUSES and retry:
                 last = self._http_error(status, payload, method, path)
                 last.retry_after = resp_headers.get("Retry-After")
                 maybe_applied = maybe_applied or status != 429
@@ -431,6 +460,7 @@ class Server(object):
         request sent again at once. Errors raised before the request was sent
         come wrapped in :class:`_NotSent`.
         """
+        import http.client
         for fresh in (False, True):
             conn = self._connection()
             stale_possible = self._local.used and not fresh
@@ -545,14 +575,15 @@ class _NotSent(OSError):
         self.__cause__ = cause
 
 
-_CERT_ERRORS = (getattr(ssl, "SSLCertVerificationError", ssl.CertificateError),
-                ssl.CertificateError)
-
-
 def _describe_socket_error(exc):
+    import http.client
+    import socket
+    import ssl
+    cert_errors = (getattr(ssl, "SSLCertVerificationError", ssl.CertificateError),
+                   ssl.CertificateError)
     if isinstance(exc, socket.gaierror):
         return "host name not found (%s)" % exc.strerror
-    if isinstance(exc, _CERT_ERRORS) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+    if isinstance(exc, cert_errors) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
         return ("TLS certificate verification failed (%s); give the server's CA "
                 "with cafile/capath, SSL_CERT_FILE or X509_CERT_DIR" % exc)
     if isinstance(exc, socket.timeout):
@@ -729,11 +760,12 @@ class Database(object):
         try:
             return self._query(path, params)
         except NotFound as exc:
-            if exc.error == "not_found" and not self.exists():
+            if not self.exists():
                 raise NotFound(404, "not_found", "database %r does not exist" % self.name,
-                               "GET", path)
+                               exc.method, exc.path)
             raise NotFound(404, exc.error, "view %s not found in database %r: create the "
-                           "views first (python picas.py views)" % (name, self.name), "GET", path)
+                           "views first (python picas.py views)" % (name, self.name),
+                           exc.method, exc.path)
 
     def _query(self, path, params):
         if "keys" in params:
@@ -749,9 +781,12 @@ class Database(object):
     def iterview(self, name, batch=1000, **params):
         """Yield every row of a view, ``batch`` rows per request, paging without ``skip``.
 
-        Each page starts at the last row's key and document id, so the cost of
-        a page does not grow with its position in the view. Rows added or
-        removed while paging may or may not be seen, as with any paging.
+        Each page starts at the key and document id where the last one
+        stopped (``startkey`` + ``startkey_docid``), so the cost of a page does
+        not grow with its position in the view. Servers that ignore
+        ``startkey_docid`` (pouchdb-server) repeat the rows of that key already
+        yielded; those are recognised by id and dropped. Rows added or removed
+        while paging may or may not be seen, as with any paging.
         """
         if batch < 1:
             raise ValueError("batch must be at least 1")
@@ -761,19 +796,26 @@ class Database(object):
             raise ValueError("iterview does not page keys= queries; use view()")
         params["reduce"] = False
         seen = 0
+        repeated = set()        # ids of yielded rows with the key the next page starts at
         while True:
             page = batch if limit is None else min(batch, limit - seen)
             if page <= 0:
                 return
-            rows = self.view(name, limit=page + 1, **params)["rows"]
+            rows = self.view(name, limit=page + 1 + len(repeated), **params)["rows"]
+            if repeated:
+                start = params["startkey"]
+                rows = [row for row in rows
+                        if not (row["key"] == start and row["id"] in repeated)]
             for row in rows[:page]:
                 yield row
             seen += len(rows[:page])
             if len(rows) <= page:
                 return
             nxt = rows[page]
-            params["startkey"] = nxt["key"]
-            params["startkey_docid"] = nxt["id"]
+            if nxt["key"] != params.get("startkey", _NO_KEY):
+                repeated = set()
+            repeated.update(row["id"] for row in rows[:page] if row["key"] == nxt["key"])
+            params["startkey"], params["startkey_docid"] = nxt["key"], nxt["id"]
 
     # -- design documents ---------------------------------------------------
 
@@ -829,6 +871,9 @@ class Database(object):
             return self.request("GET", path, raw=True)[2]
         except NotFound:
             return default
+
+
+_NO_KEY = object()
 
 
 class Row(dict):
@@ -1025,6 +1070,11 @@ def _now():
     return int(time.time())
 
 
+def _hostname():
+    import socket
+    return socket.gethostname()
+
+
 def job_ids(environ=None):
     """Return the batch system job ids found in the environment, as token fields.
 
@@ -1150,7 +1200,7 @@ class Task(Document):
 
     def lock(self):
         self["lock"] = _now()
-        self["hostname"] = socket.gethostname()
+        self["hostname"] = _hostname()
         self.update(job_ids())
         return self
 
@@ -1237,13 +1287,13 @@ class BasicTokenModifier(object):
         self.timeout = timeout
 
     def lock(self, token):
-        token["hostname"] = socket.gethostname()
+        token["hostname"] = _hostname()
         token["lock"] = _now()
         token.update(job_ids())
         return token
 
     def unlock(self, token):
-        token["hostname"] = socket.gethostname()
+        token["hostname"] = _hostname()
         token["lock"] = 0
         for field in _JOB_ID_FIELDS + _CLAIM_FIELDS:
             token.pop(field, None)
@@ -1280,7 +1330,7 @@ class BasicTokenModifier(object):
 
 def new_pilot_id():
     """Return a pilot id: host, process id and a random part (unique per pilot)."""
-    return "%s:%d:%s" % (socket.gethostname(), os.getpid(), new_id()[:8])
+    return "%s:%d:%s" % (_hostname(), os.getpid(), new_id()[:8])
 
 
 class ClaimStats(object):
@@ -2178,7 +2228,7 @@ class RunActor(object):
         if not current:
             _stash_result(task, "the token was deleted while it ran")
             return False
-        entry = {"time": _now(), "message": message, "hostname": socket.gethostname(),
+        entry = {"time": _now(), "message": message, "hostname": _hostname(),
                  "result": dict((k, v) for k, v in task.items()
                                 if k not in ("_id", "_rev", "_attachments", "error"))}
         for _ in range(10):

@@ -28,6 +28,9 @@ SENTINEL_PASSWORD = "Sentinel-pw-7c1e9b"
 ADMIN = "admin"
 
 
+free_port = pouchdb.free_port
+
+
 def install_pouchdb_server():
     try:
         return pouchdb.install()
