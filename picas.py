@@ -796,16 +796,21 @@ class Database(object):
             raise ValueError("iterview does not page keys= queries; use view()")
         params["reduce"] = False
         seen = 0
-        repeated = set()        # ids of yielded rows with the key the next page starts at
+        run = {}                # rows with the key the next page starts at, yielded: id -> count
         while True:
             page = batch if limit is None else min(batch, limit - seen)
             if page <= 0:
                 return
-            rows = self.view(name, limit=page + 1 + len(repeated), **params)["rows"]
-            if repeated:
-                start = params["startkey"]
-                rows = [row for row in rows
-                        if not (row["key"] == start and row["id"] in repeated)]
+            rows = self.view(name, limit=page + 1 + sum(run.values()), **params)["rows"]
+            if run:
+                # Drop the leading rows already yielded: all of the key's rows on
+                # servers that ignore startkey_docid, those of the same id otherwise.
+                left, start, drop = dict(run), params["startkey"], 0
+                while drop < len(rows) and rows[drop]["key"] == start and \
+                        left.get(rows[drop]["id"], 0) > 0:
+                    left[rows[drop]["id"]] -= 1
+                    drop += 1
+                rows = rows[drop:]
             for row in rows[:page]:
                 yield row
             seen += len(rows[:page])
@@ -813,8 +818,10 @@ class Database(object):
                 return
             nxt = rows[page]
             if nxt["key"] != params.get("startkey", _NO_KEY):
-                repeated = set()
-            repeated.update(row["id"] for row in rows[:page] if row["key"] == nxt["key"])
+                run = {}
+            for row in rows[:page]:
+                if row["key"] == nxt["key"]:
+                    run[row["id"]] = run.get(row["id"], 0) + 1
             params["startkey"], params["startkey_docid"] = nxt["key"], nxt["id"]
 
     # -- design documents ---------------------------------------------------
@@ -1381,6 +1388,7 @@ class _Claimer(object):
         self._total = None          # rows in the view at the last read
         self._warned = set()        # ids of non-tokens already warned about
         self._rows = {}             # id -> view row of the current window
+        self._skipped_to = 0        # the random skip of the last window read
 
     def claim(self):
         """Claim one token and return it as a :class:`Task`, or None when the view is empty."""
@@ -1390,7 +1398,10 @@ class _Claimer(object):
                 return None
             if not self._candidates or misses >= 3 or \
                     time.time() - self._fetched > self.window_age:
-                if not self._read_window() and not self._read_window(at_start=True):
+                # A window read at a random position may miss the few tokens left
+                # before it: then look once more from the start of the view.
+                if not self._read_window() and not (self._skipped_to and
+                                                    self._read_window(at_start=True)):
                     return None
                 misses = 0
             doc = self._candidates.pop(random.randrange(len(self._candidates)))
@@ -1413,6 +1424,7 @@ class _Claimer(object):
         skip = 0
         if not at_start and self._total and self._total > limit:
             skip = random.randint(0, min(self._total - limit, self.max_skip))
+        self._skipped_to = skip
         while True:
             result = self.db.view(self.view_name, limit=limit, skip=skip or None, **params)
             self.stats.view_reads += 1

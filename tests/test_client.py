@@ -408,11 +408,9 @@ def test_view_in_missing_database(couch):
     assert "picas.py views" not in str(info.value)
 
 
-@pytest.mark.xfail(reason="picas.py bug: Database.view() re-raises NotFound with path "
-                          "'/_design/...' (without the '/<db>' prefix every other "
-                          "HTTPError.path has) and method 'GET' even for keys= POSTs",
-                   strict=True)
 def test_view_not_found_error_names_the_real_request(db):
+    # Regression: the re-raised NotFound had path '/_design/...' without the
+    # database and method GET even for keys= POSTs.
     with pytest.raises(picas.NotFound) as info:
         db.view("Monitor/todo", keys=["a"])
     assert info.value.path == "/%s/_design/Monitor/_view/todo" % db.name
@@ -484,16 +482,28 @@ def test_iterview_empty_view_and_bad_arguments(numbered):
         list(numbered.iterview("T/num", keys=[1, 2]))
 
 
-@pytest.mark.xfail(condition=ON_POUCHDB, strict=True,
-                   reason="picas.py bug: iterview pages with startkey_docid, which "
-                          "pouchdb-server ignores: with several rows per key across a page "
-                          "boundary it yields the same rows forever (infinite loop)")
-@pytest.mark.parametrize("batch", [3, 5, 10])
-def test_iterview_duplicate_keys_each_row_once(numbered, batch):
-    # Eight keys, seven rows each (the last has one): pages split runs of equal keys.
+@pytest.mark.parametrize("batch", [1, 3, 5, 7, 10, 60])
+def test_iterview_duplicate_keys_each_row_once(numbered, spy, batch):
+    # Nine keys, seven rows each (the last has one): pages split runs of equal keys.
+    # Regression: pouchdb-server ignores startkey_docid; iterview used to yield
+    # the same rows forever there (islice bounds the damage if it comes back).
+    calls = spy(numbered.server)
     rows = list(itertools.islice(numbered.iterview("T/dup", batch=batch), 3 * 57))
     assert [r["id"] for r in rows] == EXPECTED
     assert [r["key"] for r in rows] == [i // 7 for i in range(57)]
+    assert all("skip" not in params for _, _, params in calls)
+    assert len(calls) <= int(math.ceil(57.0 / batch)) + 1
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_iterview_document_emitting_a_key_twice(db, batch):
+    db.update([{"_id": "n%02d" % i, "i": i} for i in range(10)])
+    db.ensure_design("T", {"twice": {"map": "function(doc) { if (doc.i !== undefined) { "
+                                            "emit(doc.i % 3, 'a'); emit(doc.i % 3, 'b'); } }"}})
+    full = [(r["key"], r["id"], r["value"]) for r in db.view("T/twice")["rows"]]
+    assert len(full) == 20
+    rows = list(itertools.islice(db.iterview("T/twice", batch=batch), 60))
+    assert [(r["key"], r["id"], r["value"]) for r in rows] == full
 
 
 # Design documents ############################################################
@@ -714,21 +724,17 @@ def test_server_repr_hides_credentials(url):
                        repr(server.database("db")))
 
 
-@pytest.mark.xfail(reason="picas.py bug: redact_url() leaves schemeless URLs unchanged, "
-                          "so Server('admin:PASSWORD@') puts the password into its "
-                          "'has no host name' PicasError", strict=True)
 def test_schemeless_url_error_hides_credentials():
+    # Regression: redact_url() left schemeless URLs unchanged.
     with pytest.raises(picas.PicasError) as info:
         picas.Server("admin:%s@" % SENTINEL)
     assert_secret_free(SENTINEL, str(info.value))
 
 
-@pytest.mark.xfail(reason="picas.py bug: a password with an unencoded '#', '/' or '?' "
-                          "makes urlsplit() take part of it as the port; Server() then "
-                          "raises ValueError('Port could not be cast to integer value "
-                          "as <password>') from parts.port", strict=True)
-@pytest.mark.parametrize("sep", ["#", "/", "?"])
+@pytest.mark.parametrize("sep", ["#", "/", "?", "@", ":"])
 def test_unencoded_password_characters_never_leak(sep):
+    # Regression: urlsplit() took part of such a password for the port, and
+    # Server() raised ValueError("Port could not be cast ... as '<password>'").
     url = "http://admin:%s%sx@couch.example.org:5984" % (SENTINEL, sep)
     try:
         server = picas.Server(url)
@@ -765,7 +771,5 @@ def test_redact_url(url, expected):
     assert picas.redact_url(url) == expected
 
 
-@pytest.mark.xfail(reason="picas.py bug: redact_url() returns schemeless "
-                          "'user:password@host' unchanged", strict=True)
 def test_redact_url_schemeless():
     assert "s3cret" not in picas.redact_url("alice:s3cret@couch.example.org:5984/db")
