@@ -1738,13 +1738,27 @@ def _signal_exit_code(returncode):
 
 
 def _group_alive(pgid):
+    """True while a process of group ``pgid`` runs (zombies, waiting to be reaped, do not count)."""
     try:
         os.killpg(pgid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return True                       # no /proc (not Linux): trust killpg
+    for name in names:
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name, "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                return True
+    return False
 
 
 def _stop_group(proc, grace):
@@ -1781,12 +1795,28 @@ def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAUL
     running in its group when it exits are stopped the same way.
     """
     import subprocess
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            cwd=cwd, env=env, shell=shell, start_new_session=True,
-                            close_fds=True)
-    _Watchdog.tell("+%d\n" % proc.pid)
+    _Watchdog.get()                       # started before the task, never in between
+    # A stop signal or timeout during Popen() would leave a started task
+    # unknown to us: the pilot's handlers hold their exception until we can
+    # act on it (see RunActor._interrupt).
+    _active["spawning"] = True
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                cwd=cwd, env=env, shell=shell, start_new_session=True,
+                                close_fds=True)
+    except BaseException:
+        pending = _active.pop("pending", None)
+        if pending is not None:
+            raise pending
+        raise
+    finally:
+        _active["spawning"] = False
     try:
         try:
+            _Watchdog.tell("+%d\n" % proc.pid)
+            pending = _active.pop("pending", None)
+            if pending is not None:
+                raise pending
             returncode = proc.wait()
         except BaseException:
             _stop_group(proc, grace)
@@ -1801,7 +1831,7 @@ def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAUL
 
 #: Settings of the pilot that is running now (set by RunActor.run): its grace
 #: period, and whether it is an old-API pilot (whose execute() returned 3 values).
-_active = {"grace": DEFAULT_GRACE, "old_api": False}
+_active = {"grace": DEFAULT_GRACE, "old_api": False, "spawning": False}
 
 
 def execute(args, shell=False, grace=None):
@@ -2321,14 +2351,23 @@ class RunActor(object):
             self.stop_signal = signum
             log.warning("received signal %d: stopping after this token is given back or saved",
                         signum)
-        if self._phase == "running":
-            self._phase = "stopping-task"
-            raise PilotInterrupted(signum)
+        self._interrupt(PilotInterrupted(signum))
 
     def _on_alarm(self, signum, frame):
+        self._interrupt(TaskTimeout("max_token_time passed"))
+
+    def _interrupt(self, exc):
+        """Raise ``exc`` in the running task's code, once; only while a task runs.
+
+        While a task process is being started, the exception is held for
+        run_command() to raise as soon as it knows the process.
+        """
         if self._phase == "running":
             self._phase = "stopping-task"
-            raise TaskTimeout("max_token_time passed")
+            if _active.get("spawning"):
+                _active["pending"] = exc
+            else:
+                raise exc
 
 
 def _reapply(task, claimed, current):
