@@ -316,10 +316,11 @@ class Server(object):
         self.timeout = timeout
         self.view_timeout = max(view_timeout, timeout)
         self.retries = retries
-        self._auth = None
+        self._auth = self._secret = None
         if username is not None:
             pair = ("%s:%s" % (username, password or "")).encode("utf-8")
             self._auth = "Basic " + base64.b64encode(pair).decode("ascii")
+            self._secret = password or None   # only to keep it out of task environments
             if scheme == "http" and self._host not in _LOOPBACK_HOSTS:
                 log.warning("sending the password for %s over plain http:// to %s: "
                             "anyone on the network path can read it; use https://",
@@ -421,10 +422,16 @@ class Server(object):
             except (OSError, http.client.HTTPException) as exc:
                 # After the request went out we cannot know whether the server
                 # applied it; a repeat of a write may then meet its own result.
-                maybe_applied = maybe_applied or not isinstance(exc, _NotSent)
+                # (_send may have sent it on a reused connection before the
+                # resend on a fresh one failed unsent.)
+                maybe_applied = (maybe_applied or self._local.maybe_applied
+                                 or not isinstance(exc, _NotSent))
                 last = exc.__cause__ if isinstance(exc, _NotSent) else exc
                 log.debug("%s %s%s failed (attempt %d of %d): %r", method, self.url,
                           path, attempt + 1, attempts, last)
+                if _cert_failure(last):
+                    attempts = attempt + 1     # a certificate fails its check again and again
+                    break
                 continue
             if status in _RETRY_STATUSES and retry:
                 last = self._http_error(status, payload, method, path)
@@ -575,15 +582,20 @@ class _NotSent(OSError):
         self.__cause__ = cause
 
 
-def _describe_socket_error(exc):
-    import http.client
-    import socket
+def _cert_failure(exc):
+    """True when ``exc`` is a failed TLS certificate check, which no retry can fix."""
     import ssl
     cert_errors = (getattr(ssl, "SSLCertVerificationError", ssl.CertificateError),
                    ssl.CertificateError)
+    return isinstance(exc, cert_errors) or "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+def _describe_socket_error(exc):
+    import http.client
+    import socket
     if isinstance(exc, socket.gaierror):
         return "host name not found (%s)" % exc.strerror
-    if isinstance(exc, cert_errors) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+    if _cert_failure(exc):
         return ("TLS certificate verification failed (%s); give the server's CA "
                 "with cafile/capath, SSL_CERT_FILE or X509_CERT_DIR" % exc)
     if isinstance(exc, socket.timeout):
@@ -1057,6 +1069,12 @@ def _parse_int(value):
     return None
 
 
+def _scrub_count(doc):
+    """The token's scrub_count as an int: 0 when it is missing or not a number."""
+    count = _parse_int(doc.get("scrub_count"))
+    return count if count is not None and count > 0 else 0
+
+
 def token_state(doc):
     """Return the state the standard views give ``doc``: 'todo', 'locked', 'done', 'error' or None."""
     if not isinstance(doc, dict) or doc.get("type") != "token":
@@ -1217,7 +1235,7 @@ class Task(Document):
 
     def scrub(self):
         """Send the token back to todo: lock = done = 0, scrub_count + 1."""
-        self["scrub_count"] = int(self.get("scrub_count") or 0) + 1
+        self["scrub_count"] = _scrub_count(self) + 1
         self["lock"] = self["done"] = 0
         for field in _JOB_ID_FIELDS + _CLAIM_FIELDS:
             self.pop(field, None)
@@ -1321,7 +1339,7 @@ class BasicTokenModifier(object):
         return token
 
     def scrub(self, token):
-        token["scrub_count"] = int(token.get("scrub_count") or 0) + 1
+        token["scrub_count"] = _scrub_count(token) + 1
         self.unlock(token)
         token["done"] = 0
         return token
@@ -1711,10 +1729,13 @@ class _Watchdog(object):
             import subprocess
             if sys.executable and hasattr(os, "killpg"):
                 try:
+                    # Only what starting Python needs: never the password.
+                    env = dict((k, v) for k, v in os.environ.items()
+                               if k in ("PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE"))
                     cls._instance = subprocess.Popen(
                         [sys.executable, "-I", "-S", "-c", _WATCHDOG_CODE],
                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL, close_fds=True)
+                        stderr=subprocess.DEVNULL, close_fds=True, env=env)
                 except OSError as exc:
                     log.warning("could not start the task watchdog (%s): tasks may outlive "
                                 "a killed pilot", exc)
@@ -2230,9 +2251,9 @@ class RunActor(object):
         if task.get("exit_code") in ("", None):
             task["exit_code"] = 0
         failed = token_state(task) == "error"
-        if failed and int(task.get("scrub_count") or 0) < self._max_scrub:
+        if failed and _scrub_count(task) < self._max_scrub:
             log.info("token %s failed (exit code %s): back to todo for attempt %d of %d",
-                     task["_id"], task.get("exit_code"), int(task.get("scrub_count") or 0) + 2,
+                     task["_id"], task.get("exit_code"), _scrub_count(task) + 2,
                      self._max_scrub + 1)
             Task.scrub(task)
         self._save_result(task, lease)
@@ -2260,6 +2281,10 @@ class RunActor(object):
                     return False
                 log.warning("saving the result of %s failed (%s); trying again", task["_id"], exc)
                 time.sleep(random.uniform(5, 15))
+            except PicasError as exc:
+                # Refused for good (403 from a validate_doc_update, 413 too large...).
+                _stash_result(task, "the server refused the result: %s" % exc)
+                return False
 
     def _keep_orphan_result(self, task, current):
         """The token was reset or taken by another pilot: keep our result in its error list."""
@@ -2417,6 +2442,10 @@ def _stash_result(task, why):
 _MAX_ARG = 128 * 1024
 
 
+def _utf8(text):
+    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+
+
 class CommandActor(RunActor):
     """The pilot behind ``picas.py run -- COMMAND ARGS...``.
 
@@ -2434,7 +2463,7 @@ class CommandActor(RunActor):
         RunActor.__init__(self, db, **kwargs)
         self.command = list(command)
         self.log_limit = log_limit
-        self.results = {"done": 0, "error": 0}
+        self.results = {"done": 0, "error": 0, "todo": 0}
 
     def prepare_env(self):
         import tempfile
@@ -2453,18 +2482,22 @@ class CommandActor(RunActor):
                              "may hold (%d); keep large data in a file or an attachment and put "
                              "its name in the input" % (len(arg.encode("utf-8", "replace")),
                                                         _MAX_ARG))
+        if "\0" in arg:
+            raise PicasError("the token's input holds a null character (\\0), which no "
+                             "command-line argument can hold; keep such data in a file or an "
+                             "attachment and put its name in the input")
         safe = quote(tid, safe="")
         token_file = os.path.join(self.tmpdir, "token-%s.json" % safe)
         with open(token_file, "w") as fh:
             json.dump(token, fh)
-        env = dict((k, v) for k, v in os.environ.items() if k != "PICAS_PASSWORD")
-        env.update(PICAS_TOKEN_ID=tid, PICAS_TOKEN_INPUT=arg, PICAS_TOKEN_FILE=token_file)
+        env = self._task_environment(PICAS_TOKEN_ID=tid, PICAS_TOKEN_INPUT=arg,
+                                     PICAS_TOKEN_FILE=token_file)
+        argv = [_utf8(a) for a in self.command + [arg, tid]]
         paths = [os.path.join(self.tmpdir, "logs_%s.%s" % (safe, ext)) for ext in ("out", "err")]
         started = time.time()
         try:
             with open(paths[0], "wb") as out, open(paths[1], "wb") as err:
-                code = run_command(self.command + [arg, tid], stdout=out, stderr=err,
-                                   env=env, grace=self.grace)
+                code = run_command(argv, stdout=out, stderr=err, env=env, grace=self.grace)
             self.finishing()
             token["exit_code"] = code
         finally:
@@ -2477,6 +2510,30 @@ class CommandActor(RunActor):
                     pass
             os.remove(token_file)
             token["run_seconds"] = round(time.time() - started, 3)
+
+    def _task_environment(self, **extra):
+        """The pilot's environment without the password, plus ``extra``, as UTF-8 bytes.
+
+        Bytes, so that non-ASCII inputs work under any locale (Python 3.6
+        would encode str values as ASCII under LC_ALL=C). Variables holding
+        the password (PICAS_PASSWORD, a URL with credentials...) are dropped;
+        PICAS_HOST_URL is passed on without credentials.
+        """
+        secret = getattr(self._db.server, "_secret", None)
+        secret = _utf8(secret) if secret else None
+        environ = getattr(os, "environb", None)
+        if environ is None:
+            environ = dict((_utf8(k), _utf8(v)) for k, v in os.environ.items())
+        env = {}
+        for key, value in environ.items():
+            if key == b"PICAS_HOST_URL":
+                value = _utf8(redact_url(value.decode("utf-8", "surrogateescape")))
+            if key == b"PICAS_PASSWORD" or (secret and secret in value):
+                continue
+            env[key] = value
+        for key, value in extra.items():
+            env[_utf8(key)] = _utf8(value)
+        return env
 
     def cleanup_run(self):
         token = self.current_task
@@ -3127,12 +3184,21 @@ def _build_parser():
 
 
 def _setup_logging(verbose, quiet):
+    """Send picas' log to stderr for the command line; return what to restore afterwards."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("picas: %(message)s"))
+    saved = (handler, log.level, log.propagate)
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
-    return handler
+    return saved
+
+
+def _restore_logging(saved):
+    handler, level, propagate = saved
+    log.removeHandler(handler)
+    log.setLevel(level)
+    log.propagate = propagate
 
 
 def main(argv=None):
@@ -3147,11 +3213,20 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    handler = _setup_logging(args.verbose, args.quiet)
+    if args.url and _split_url(args.url)[1] is not None:
+        print("picas.py: --url holds a user name and password; the password is never taken "
+              "from the command line: use --user and PICAS_PASSWORD", file=sys.stderr)
+        return EXIT_USAGE
+    saved = _setup_logging(args.verbose, args.quiet)
     try:
         url, dbname, user, password = connection_settings(args)
-        server = Server(url, user, password, timeout=args.timeout, verify=not args.insecure,
-                        cafile=args.cafile, capath=args.capath)
+        if getattr(args, "log_limit", 0) < 0:
+            raise UsageError("--log-limit must be 0 or more bytes")
+        try:
+            server = Server(url, user, password, timeout=args.timeout,
+                            verify=not args.insecure, cafile=args.cafile, capath=args.capath)
+        except PicasError as exc:
+            raise UsageError(str(exc))
         return args.func(args, server.database(dbname))
     except UsageError as exc:
         print("picas.py: %s" % exc, file=sys.stderr)
@@ -3168,7 +3243,7 @@ def main(argv=None):
         print("picas.py: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
-        log.removeHandler(handler)
+        _restore_logging(saved)
 
 
 def _confirm(question, yes):
@@ -3215,7 +3290,7 @@ def cmd_push(args, db):
         stem = os.path.splitext(os.path.basename(args.file))[0] or "tokens"
     prefix = args.id_prefix or "%s-%s" % (stem, hashlib.sha1(data).hexdigest()[:8])
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UsageError("%s is not UTF-8 text (%s)" % (args.file, exc))
     if args.json:
@@ -3322,8 +3397,9 @@ def cmd_run(args, db):
         log.warning("pilot stopped by signal %d after %d tokens", exc.code - 128,
                     actor.tasks_processed)
         return exc.code
-    log.info("pilot finished: %d tokens (%d done, %d error)", actor.tasks_processed,
-             actor.results["done"], actor.results["error"])
+    log.info("pilot finished: %d runs (%d done, %d error, %d back to todo for a retry)",
+             actor.tasks_processed, actor.results["done"], actor.results["error"],
+             actor.results["todo"])
     return EXIT_OK if actor.tasks_processed else EXIT_NO_WORK
 
 
