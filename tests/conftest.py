@@ -113,3 +113,20 @@ def db(couch, request):
         couch.server().delete_database(name)
     except picas.PicasError:
         pass
+
+
+def pytest_report_header(config):
+    external = os.environ.get("PICAS_TEST_COUCHDB_URL")
+    if external:
+        return "CouchDB for tests: %s (PICAS_TEST_COUCHDB_URL)" % picas.redact_url(external)
+    return ("CouchDB for tests: pouchdb-server %s in memory on 127.0.0.1, started by the tests"
+            % _pouchdb_version())
+
+
+def _pouchdb_version():
+    import json
+    try:
+        with open(os.path.join(SERVER_DIR, "package.json")) as fh:
+            return json.load(fh)["dependencies"]["pouchdb-server"]
+    except (OSError, ValueError, KeyError):
+        return "?"

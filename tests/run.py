@@ -150,9 +150,11 @@ def main(argv=None):
 def report(version, result):
     code, counts, output, seconds = result
     status = "ok" if code == 0 and counts["passed"] else "FAILED (exit %d)" % code
-    print("Python %-5s %-16s %4d passed, %d failed, %d errors, %d skipped in %.0f s"
+    server = [l for l in output.splitlines() if l.startswith("CouchDB for tests:")]
+    print("Python %-5s %-16s %4d passed, %d failed, %d errors, %d skipped in %.0f s%s"
           % (version, status, counts["passed"], counts["failed"], counts["error"],
-             counts["skipped"], seconds), flush=True)
+             counts["skipped"], seconds, "  [%s]" % server[0][19:] if server else ""),
+          flush=True)
     if status != "ok":
         print("---- output of Python %s " % version + "-" * 50)
         print(output[-20000:])
