@@ -1758,6 +1758,20 @@ def _signal_exit_code(returncode):
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _exited(proc):
+    """True when the process ``proc`` has exited, whether or not it was waited for yet."""
+    if proc is None:
+        return False
+    if proc.returncode is not None:
+        return True
+    try:        # WNOWAIT: look, but leave the exit status for proc.wait()
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True                   # reaped by the wait() this signal interrupted
+    except (AttributeError, OSError):
+        return False
+
+
 def _group_alive(pgid):
     """True while a process of group ``pgid`` runs (zombies, waiting to be reaped, do not count)."""
     try:
@@ -1805,7 +1819,7 @@ def _stop_group(proc, grace):
 
 
 def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAULT_GRACE,
-                shell=False):
+                shell=False, on_exit=None):
     """Run ``argv`` in its own process group and return its exit code.
 
     ``stdout``/``stderr`` are open files (or None to inherit). The task gets
@@ -1814,6 +1828,8 @@ def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAUL
     process group, grandchildren included, gets SIGTERM and, after ``grace``
     seconds, SIGKILL, before the exception goes on. Processes the task left
     running in its group when it exits are stopped the same way.
+    ``on_exit()`` is called the moment the task has exited (the pilot's
+    ``finishing``: a stop signal from then on must not undo its work).
     """
     import subprocess
     _Watchdog.get()                       # started before the task, never in between
@@ -1826,19 +1842,23 @@ def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAUL
                                 cwd=cwd, env=env, shell=shell, start_new_session=True,
                                 close_fds=True)
     except BaseException:
+        _active["spawning"] = False
         pending = _active.pop("pending", None)
         if pending is not None:
             raise pending
         raise
-    finally:
-        _active["spawning"] = False
     try:
         try:
+            if on_exit is not None:
+                _active["proc"] = proc        # see RunActor._interrupt
             _Watchdog.tell("+%d\n" % proc.pid)
+            _active["spawning"] = False       # from here on, an interruption stops the group
             pending = _active.pop("pending", None)
             if pending is not None:
                 raise pending
             returncode = proc.wait()
+            if on_exit is not None:
+                on_exit()
         except BaseException:
             _stop_group(proc, grace)
             raise
@@ -1846,6 +1866,10 @@ def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAUL
             log.info("the task left processes running in its process group; stopping them")
             _stop_group(proc, grace)
     finally:
+        if on_exit is not None:
+            # A stop that came after the task had exited was held: its work is kept.
+            _active["proc"] = None
+            _active.pop("pending", None)
         _Watchdog.tell("-%d\n" % proc.pid)
     return _signal_exit_code(returncode)
 
@@ -2385,11 +2409,13 @@ class RunActor(object):
         """Raise ``exc`` in the running task's code, once; only while a task runs.
 
         While a task process is being started, the exception is held for
-        run_command() to raise as soon as it knows the process.
+        run_command() to raise as soon as it knows the process. Once the task
+        process of ``run`` has exited (even if not yet waited for), its work is
+        done: the exception is held and dropped, the result saved.
         """
         if self._phase == "running":
             self._phase = "stopping-task"
-            if _active.get("spawning"):
+            if _active.get("spawning") or _exited(_active.get("proc")):
                 _active["pending"] = exc
             else:
                 raise exc
@@ -2497,7 +2523,8 @@ class CommandActor(RunActor):
         started = time.time()
         try:
             with open(paths[0], "wb") as out, open(paths[1], "wb") as err:
-                code = run_command(argv, stdout=out, stderr=err, env=env, grace=self.grace)
+                code = run_command(argv, stdout=out, stderr=err, env=env, grace=self.grace,
+                                   on_exit=self.finishing)
             self.finishing()
             token["exit_code"] = code
         finally:

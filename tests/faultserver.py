@@ -35,12 +35,29 @@ is accepted too, for anything the tuples cannot say):
 ``("proxy_then_drop",)``
     forward the request to ``upstream`` (so the server applies it), then
     close the connection without relaying the answer: a lost answer.
+``("half_response",)``
+    forward the request to ``upstream``, relay the status line, the headers
+    (with the full Content-Length) and the first half of the body, then close
+    the connection: the connection died mid-response, after the server
+    applied the request.
+``("half_request",)``
+    send ``upstream`` the request line, the headers (with the full
+    Content-Length) and only the first half of the body, then close both
+    connections without answering: the connection died mid-request, so the
+    server never applies it.
+
+Every proxied request records the upstream's answer in ``request.upstream_status``.
+
+``outage(seconds)`` makes the server disappear, as a restarting server does:
+for ``seconds`` nothing listens on its port (connections are refused) and
+every open connection is cut; then it listens on the same port again.
 """
 import http.client
 import json
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -62,6 +79,7 @@ class Request(object):
         self.body = body
         self.connection = connection      # number of the TCP connection it came on
         self.time = time.time()
+        self.upstream_status = None       # the upstream's answer, when it was proxied
 
     def json(self):
         return json.loads(self.body.decode("utf-8"))
@@ -75,15 +93,27 @@ class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     block_on_close = False
     allow_reuse_address = True
 
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):      # connections cut are expected
+            socketserver.TCPServer.handle_error(self, request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30                      # an idle client connection ends its thread eventually
+    disable_nagle_algorithm = True    # headers and body go out in two writes: no 40 ms stalls
 
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
         self.fault = self.server.fault
-        self.conn_number = self.fault._new_connection()
+        self.conn_number = self.fault._new_connection(self.connection)
+
+    def finish(self):
+        self.fault._closed_connection(self.connection)
+        try:
+            BaseHTTPRequestHandler.finish(self)
+        except OSError:
+            pass                          # cut by outage()
 
     def log_message(self, *args):
         pass
@@ -148,6 +178,24 @@ class _Handler(BaseHTTPRequestHandler):
             self.fault.forward(request)
             self.close_connection = True
             return
+        if kind == "half_response":
+            status, headers, body = self.fault.forward(request)
+            self.close_connection = True
+            try:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2])
+                self.wfile.flush()
+            except OSError:
+                pass
+            return
+        if kind == "half_request":
+            self.fault.forward_half(request)
+            self.close_connection = True
+            return
         raise ValueError("FaultServer: unknown action %r" % (action,))
 
     def _answer(self, status, body, headers):
@@ -181,6 +229,9 @@ class FaultServer(object):
         self.host, self.port = self._server.server_address[:2]
         self.url = "http://127.0.0.1:%d" % self.port
         self._thread = None
+        self._open = set()                # sockets of the open client connections
+        self._comeback = None             # the timer that ends an outage
+        self.outages = []                 # (start, end) of every outage()
 
     # -- life cycle -------------------------------------------------------------
 
@@ -192,11 +243,45 @@ class FaultServer(object):
         return self
 
     def stop(self):
+        with self._lock:
+            if self._comeback is not None:
+                self._comeback.cancel()
+                self._comeback = None
+        self._stop_listening()
+
+    def _stop_listening(self):
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(5)
             self._thread = None
         self._server.server_close()
+
+    def outage(self, seconds):
+        """Disappear for ``seconds`` (see the module docstring); returns at once."""
+        start = time.time()
+        self._stop_listening()
+        with self._lock:
+            cut = list(self._open)
+        for sock in cut:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def come_back():
+            with self._lock:
+                if self._comeback is None:          # stopped meanwhile
+                    return
+                self._comeback = None
+                self._server = _TCPServer(("127.0.0.1", self.port), _Handler)
+                self._server.fault = self
+                self.outages.append((start, time.time()))
+                self.start()
+        with self._lock:
+            self._comeback = threading.Timer(seconds, come_back)
+            self._comeback.daemon = True
+            self._comeback.start()
 
     def __enter__(self):
         return self.start()
@@ -211,10 +296,16 @@ class FaultServer(object):
         with self._lock:
             self.script.extend(actions)
 
-    def _new_connection(self):
+    def _new_connection(self, sock=None):
         with self._lock:
             self.connections += 1
+            if sock is not None:
+                self._open.add(sock)
             return self.connections
+
+    def _closed_connection(self, sock):
+        with self._lock:
+            self._open.discard(sock)
 
     def _next_action(self, request):
         with self._lock:
@@ -239,6 +330,25 @@ class FaultServer(object):
             resp = conn.getresponse()
             body = resp.read()
             out = dict((k, v) for k, v in resp.getheaders() if k.lower() not in _HOP_BY_HOP)
+            request.upstream_status = resp.status
             return resp.status, out, body
         finally:
             conn.close()
+
+    def forward_half(self, request):
+        """Send ``upstream`` the start of ``request`` (half its body), then hang up."""
+        if not self.upstream:
+            raise RuntimeError("FaultServer: half_request action without an upstream URL")
+        parts = urlsplit(self.upstream)
+        head = ["%s %s HTTP/1.1" % (request.method, request.path)]
+        head += ["%s: %s" % (k, v) for k, v in request.headers.items()
+                 if k.lower() not in _HOP_BY_HOP]
+        head += ["Host: %s:%d" % (parts.hostname, parts.port or 80),
+                 "Content-Length: %d" % len(request.body), "", ""]
+        data = "\r\n".join(head).encode("latin-1") + request.body[:len(request.body) // 2]
+        sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=30)
+        try:
+            sock.sendall(data)
+            time.sleep(0.05)              # let the server read the torn request
+        finally:
+            sock.close()
