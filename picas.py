@@ -1977,7 +1977,7 @@ class _Lease(object):
     def beat(self):
         """Write ``heartbeat = now`` to the token, on the revision this pilot knows."""
         with self._lock:
-            if self.lost is not None:
+            if self.lost is not None or self._stop.is_set():
                 return
             body = dict(self._base, heartbeat=_now(), _rev=self.rev)
             for _ in range(5):
@@ -2007,9 +2007,10 @@ class _Lease(object):
                 and token_state(current) in ("locked", "done", "error"))
 
     def stop(self):
+        """Stop the heartbeats; when this returns, none is being written or will be."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        with self._lock:            # waits only for a heartbeat being written right now
+            pass
 
 
 def _ensure_log_output():
