@@ -1,0 +1,49 @@
+"""bench/bench.py must keep working: run it with tiny numbers and without upstream.
+
+The real benchmark (minutes, with upstream picas from PyPI) is described in
+docs/performance.md; this only makes sure the script runs end to end, prints
+its table, writes its JSON, and that picas.py ran every token exactly once.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench", "bench.py")
+
+
+def test_bench_quick_runs_and_prints_the_table(tmp_path):
+    out_json = str(tmp_path / "bench.json")
+    started = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, BENCH, "--quick", "--no-upstream", "--json", out_json],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, cwd=ROOT)
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        raise AssertionError("bench.py --quick took too long:\n%s\n%s" % (stdout, stderr))
+    elapsed = time.time() - started
+    assert proc.returncode == 0, "bench.py failed:\n%s\n%s" % (stdout, stderr)
+    for text in ("(1) one pilot", "(6) ceiling", "(2) 4 concurrent pilots", "(3) start-up",
+                 "(4)+(5) idle endless pilot", "targets",
+                 "upstream picas was NOT measured (--no-upstream)"):
+        assert text in stdout, "%r missing from the output:\n%s" % (text, stdout)
+    with open(out_json) as fh:
+        results = json.load(fh)
+    for part in ("meta", "ceiling", "single", "concurrent", "startup", "idle"):
+        assert part in results
+    single = results["single"]["picas.py"]
+    assert single["direct"]["states"].get("done") == single["direct"]["tokens"]
+    assert single["proxied"]["per_token"] > 0
+    for pilots, entry in results["concurrent"].items():
+        run = entry["picas.py"]
+        assert run["max_executions"] == 1, (pilots, run)
+        assert run["tokens_run_more_than_once"] == 0 and run["tokens_never_run"] == 0, run
+        assert run["failed_pilots"] == 0, run
+    assert "upstream" not in results["single"]
+    assert elapsed < 60 or os.getloadavg()[0] > 2 * (os.cpu_count() or 1), \
+        "bench.py --quick took %.0f s (limit 60)" % elapsed
