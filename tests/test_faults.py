@@ -833,7 +833,10 @@ def test_stop_signal_the_moment_a_task_finishes_keeps_its_result(couch, tdb, tmp
                 tdb.save(doc)
         pilot = Pilot(couch, tdb, ["run", "--heartbeat", "0", "--", task], cwd=tmp_path)
         code = pilot.wait(30)
-        assert code == 128 + getattr(signal, "SIG" + signame), pilot.err
+        # In the last round the pilot may run out of work and exit before the
+        # helper's signal lands: then it exits 0; the result checks below still hold.
+        if not (number == len(ids) and code == 0):
+            assert code == 128 + getattr(signal, "SIG" + signame), pilot.err
         ended = [w[1] for w in lines(runs)]
         states = by_state(tdb)
         assert len(ended) == number and len(set(ended)) == number   # each ran once...
