@@ -431,38 +431,121 @@ class MemorySampler(object):
         self._thread.join()
 
 
+#: Every pilot this script started and has not reaped yet: killed if the run is abandoned.
+_LIVE = set()
+_LIVE_LOCK = threading.Lock()
+#: Why the run was abandoned (the server died, this script was orphaned), or None.
+_ABORT = []
+
+
+def _spawn(argv, **kwargs):
+    proc = subprocess.Popen(argv, **kwargs)
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+    return proc
+
+
+def _reaped(proc):
+    with _LIVE_LOCK:
+        _LIVE.discard(proc)
+
+
+def kill_all():
+    """SIGKILL every pilot still running (each pilot's watchdog then kills its task)."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        try:
+            proc.kill()
+        except OSError:
+            pass
+
+
+class Guard(object):
+    """Abandons the run when the server dies or whoever started this script is gone.
+
+    Without it, pilots whose server died keep retrying (a picas.py pilot tries to
+    save a result for an hour), and an orphaned benchmark runs on unseen.
+    """
+
+    def __init__(self, server, interval=0.5):
+        self.server = server
+        self.parent = os.getppid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(interval,))
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _loop(self, interval):
+        while not self._stop.wait(interval):
+            reason = None
+            if self.server.proc is not None and self.server.proc.poll() is not None:
+                reason = "pouchdb-server exited (status %s) in the middle of the run" \
+                    % self.server.proc.returncode
+            elif os.getppid() != self.parent:
+                reason = "the process that started bench.py is gone"
+            if reason:
+                _ABORT.append(reason)
+                log("ABORTING: %s" % reason)
+                kill_all()
+                return
+
+    def stop(self):
+        self._stop.set()
+
+
 def _exit_code(status):
     if os.WIFSIGNALED(status):
         return -os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
 
 
-def run_pilots(argvs, env, workdir, sample_memory=False, timeout=3600):
-    """Start all pilots at once, wait for all; return wall time, exit codes, peak RSS."""
+def run_pilots(argvs, env, workdir, sample_memory=False, timeout=900):
+    """Start all pilots at once, wait for all; return wall time, exit codes, peak RSS.
+
+    Pilots still running after ``timeout`` seconds are killed and the run fails.
+    """
     procs = []
     outs = []
     start = time.perf_counter()
     for number, argv in enumerate(argvs):
         out = open(os.path.join(workdir, "pilot-%d.log" % number), "wb")
         outs.append(out)
-        procs.append(subprocess.Popen(argv, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
-                                      stdout=out, stderr=subprocess.STDOUT))
+        procs.append(_spawn(argv, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
+                            stdout=out, stderr=subprocess.STDOUT))
     sampler = MemorySampler([p.pid for p in procs]) if sample_memory else None
-    killer = threading.Timer(timeout, lambda: [p.kill() for p in procs if p.returncode is None])
+    timed_out = []
+
+    def on_timeout():
+        timed_out.append(True)
+        kill_all()
+    killer = threading.Timer(timeout, on_timeout)
     killer.daemon = True
     killer.start()
-    codes = []
-    for proc in procs:
-        _, status = os.waitpid(proc.pid, 0)
-        proc.returncode = _exit_code(status)
-        codes.append(proc.returncode)
-    wall = time.perf_counter() - start
-    killer.cancel()
-    if sampler is not None:
-        sampler.stop()
-    for out in outs:
-        out.close()
-    result = {"wall": wall, "exit_codes": codes}
+    codes, cpu = [], []
+    try:
+        for proc in procs:
+            # ru_utime/ru_stime: the pilot and the tasks it waited for. (Not ru_maxrss: on
+            # Linux it also holds the RSS of the parent the pilot was forked from.)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = _exit_code(status)
+            _reaped(proc)
+            codes.append(proc.returncode)
+            cpu.append(usage.ru_utime + usage.ru_stime)
+    finally:
+        wall = time.perf_counter() - start
+        killer.cancel()
+        if sampler is not None:
+            sampler.stop()
+        for out in outs:
+            out.close()
+        if len(codes) < len(procs):         # interrupted: leave nothing running
+            kill_all()
+    if _ABORT:
+        raise RuntimeError(_ABORT[0])
+    if timed_out:
+        raise RuntimeError("pilots still running after %d s (see %s)" % (timeout, workdir))
+    result = {"wall": wall, "exit_codes": codes, "cpu_s": cpu}
     if sampler is not None:
         result["vmhwm_kb"] = [sampler.hwm[p.pid] for p in procs]
         result["helper_rss_kb"] = sampler.helper_rss
@@ -531,8 +614,8 @@ class Upstream(Client):
         return clean_env(BENCH_URL=url, BENCH_DB=db, BENCH_USER=USER, BENCH_PASSWORD=PASSWORD)
 
     def version(self):
-        code = ("from importlib.metadata import version as v; "
-                "print('picas %s, CouchDB %s, stopit %s' % (v('picas'), v('CouchDB'), v('stopit')))")
+        code = ("from importlib.metadata import version as v; print('picas %s, CouchDB %s, "
+                "stopit %s' % (v('picas'), v('CouchDB'), v('stopit')))")
         return subprocess.check_output([self.python, "-c", code], universal_newlines=True,
                                        stderr=subprocess.DEVNULL).strip()
 
@@ -575,6 +658,11 @@ class Bench(object):
         self.workroot = workroot
         self.results = {}
         self._dbs = 0
+        # A copy of picas.py in a folder of its own, imported with PYTHONPATH: Python caches
+        # its bytecode in __pycache__ there, as it would next to a user's job script.
+        self.module_dir = os.path.join(workroot, "module")
+        os.makedirs(self.module_dir)
+        shutil.copy2(PICAS_PY, self.module_dir)
 
     def _db(self, label):
         self._dbs += 1
@@ -677,6 +765,8 @@ class Bench(object):
             entry["direct"] = dict(runs[len(runs) // 2])
             entry["direct"]["all_tokens_per_s"] = [r["tokens_per_s"] for r in entry["direct_runs"]]
             entry["direct"]["peak_rss_kb"] = max(r["peak_rss_kb"] for r in runs)
+            entry["direct"]["cpu_ms_per_token"] = statistics.median(
+                r["cpu_ms_per_token"] for r in runs)
             entry["direct"]["helper_rss_kb"] = max(r["helper_rss_kb"] for r in runs)
             entry["proxied"] = self._single_run(client, count, True)
         self.results["single"] = out
@@ -699,7 +789,8 @@ class Bench(object):
                    tail(os.path.join(workdir, "pilot-0.log"))))
         item = {"tokens": count, "wall": round(run["wall"], 3),
                 "tokens_per_s": round(count / run["wall"], 1), "states": states,
-                "exit_code": run["exit_codes"][0]}
+                "exit_code": run["exit_codes"][0],
+                "cpu_ms_per_token": round(run["cpu_s"][0] / count * 1000, 2)}
         if proxy:
             item.update(summarize_requests(proxy.snapshot(), count))
             item["connections"] = proxy.connections
@@ -781,14 +872,13 @@ class Bench(object):
         """Wall times of tiny commands (medians, runs interleaved), and -X importtime.
 
         Both clients get their bytecode cached first (pip compiled upstream's at
-        install; picas.py's goes to a temporary PYTHONPYCACHEPREFIX on 3.8+).
+        install; picas.py is imported from a copy in a temporary folder).
         ``python picas.py`` itself never uses a cache: Python compiles a script
         every time it runs it.
         """
         py = self.clients[0].python
         env = clean_env()
-        cache = os.path.join(self.workroot, "pycache")
-        env_import = clean_env(PYTHONPATH=ROOT, PYTHONPYCACHEPREFIX=cache)
+        env_import = clean_env(PYTHONPATH=self.module_dir)
         cmds = collections.OrderedDict()
         cmds["picas_bare"] = ([py, "-c", "pass"], env)
         cmds["picas_version"] = ([py, PICAS_PY, "--version"], env)
@@ -842,40 +932,53 @@ class Bench(object):
         """
         pilots = []
         couch = Couch(self.server.url)          # this thread's own connection
-        for client in self.clients:
-            db = "bench-idle-%s" % re.sub(r"[^a-z0-9]+", "-", client.name)
+        variants = [(client.name, client) for client in self.clients]
+        # picas.py once more as `python -m picas run`: the same code from cached bytecode,
+        # to show what compiling the script at every start costs in memory.
+        module_env = clean_env(PYTHONPATH=self.module_dir)
+        subprocess.call([self.clients[0].python, "-c", "import picas"], env=module_env,
+                        cwd=self.workroot)
+        variants.append(("picas.py -m", self.clients[0]))
+        for name, client in variants:
+            db = "bench-idle-%s" % re.sub(r"[^a-z0-9]+", "-", name)
             couch.prepare(db, 0)
             proxy = CountingProxy(self.server.port)
-            workdir = self._workdir("idle-%s" % client.name)
+            workdir = self._workdir(db)
+            argv = client.pilot_argv(proxy.url, db, ["true"], endless=True)
+            env = client.env(proxy.url, db)
+            if name == "picas.py -m":
+                argv[1:2] = ["-m", "picas"]
+                env.update(module_env)
             out = open(os.path.join(workdir, "pilot.log"), "wb")
-            proc = subprocess.Popen(client.pilot_argv(proxy.url, db, ["true"], endless=True),
-                                    env=client.env(proxy.url, db), cwd=workdir,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-            pilots.append((client, db, proxy, proc, out, workdir))
+            proc = _spawn(argv, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
+                          stdout=out, stderr=subprocess.STDOUT)
+            pilots.append((name, db, proxy, proc, out, workdir))
         started = time.time()
         time.sleep(mem_wait)
-        memory = dict((c.name, _proc_status(p.pid)) for c, _, _, p, _, _ in pilots)
-        time.sleep(max(0.0, started + seconds - time.time()))
+        memory = dict((name, _proc_status(p.pid)) for name, _, _, p, _, _ in pilots)
+        while time.time() < started + seconds and not _ABORT:
+            time.sleep(min(1.0, max(0.0, started + seconds - time.time())))
         ended = time.time()
         results = {}
-        for client, db, proxy, proc, out, workdir in pilots:
+        for name, db, proxy, proc, out, workdir in pilots:
             proc.send_signal(signal.SIGTERM)
             _, status = os.waitpid(proc.pid, 0)
             proc.returncode = _exit_code(status)
+            _reaped(proc)
             out.close()
             proxy.stop()
             records = proxy.snapshot()
             item = {"seconds": round(ended - started, 1), "requests": len(records),
                     "per_minute_overall": round(len(records) / ((ended - started) / 60.0), 2),
-                    "vmhwm_kb": memory[client.name].get("VmHWM"),
-                    "vmrss_kb": memory[client.name].get("VmRSS"),
+                    "vmhwm_kb": memory[name].get("VmHWM"),
+                    "vmrss_kb": memory[name].get("VmRSS"),
                     "exit_code": proc.returncode,
                     "request_times": [round(r[0] - started, 2) for r in records]}
             item.update(backed_off_rate([r[0] for r in records]))
-            results[client.name] = item
+            results[name] = item
             couch.delete_db(db)
             log("%s idle: VmHWM %s kB after %.0f s, %d requests in %.0f s, backed off: %s/min"
-                % (client.name, item["vmhwm_kb"], mem_wait, len(records), ended - started,
+                % (name, item["vmhwm_kb"], mem_wait, len(records), ended - started,
                    item["per_minute_backed_off"]))
         self.results["idle"] = results
 
@@ -1134,6 +1237,8 @@ def report(results, have_upstream, upstream_note):
         for kind in sorted(set(p["proxied"]["by_kind"]) | set(ukinds)):
             row("    %s" % kind, p["proxied"]["by_kind"].get(kind, 0) / float(n),
                 ukinds.get(kind, 0) / float(n) if u else None, "%.3f", ratio=False)
+        row("  pilot CPU ms per token (user+sys, with its tasks)", p["direct"]["cpu_ms_per_token"],
+            _get(u, "direct", "cpu_ms_per_token"), "%.2f")
         row("  409 answers", p["proxied"]["conflicts_409"], _get(u, "proxied", "conflicts_409"),
             "%d", ratio=False)
         row("  peak RSS of the busy pilot (MB)", mb(p["direct"]["peak_rss_kb"]),
@@ -1196,6 +1301,9 @@ def report(results, have_upstream, upstream_note):
         lines.append("(4)+(5) idle endless pilot, empty queue, watched %.0f s" % p["seconds"])
         row("  peak RSS (VmHWM) after %.0f s (MB)" % meta["idle_mem_wait"], mb(p["vmhwm_kb"]),
             mb(u.get("vmhwm_kb")))
+        if idle.get("picas.py -m"):
+            row("    picas.py as `python -m picas run` (cached bytecode)",
+                mb(idle["picas.py -m"]["vmhwm_kb"]), None, ratio=False)
         row("  requests per minute, whole window", p["per_minute_overall"],
             u.get("per_minute_overall"), "%.2f")
         row("  requests per minute, backed off", p["per_minute_backed_off"],
@@ -1308,8 +1416,15 @@ def bare_venv(base_python, path):
     return os.path.join(path, "bin", "python")
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    # SIGTERM/SIGHUP end the run like an error does: pilots killed, server stopped.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     sys.path.insert(0, SERVER_DIR)
     import pouchdb
 
@@ -1334,6 +1449,7 @@ def main(argv=None):
 
         server = pouchdb.PouchDBServer(USER, PASSWORD)
         server.start()
+        guard = Guard(server)
         bench = Bench(args, server, clients, workroot)
         results = bench.results
         results["meta"] = {
@@ -1377,10 +1493,16 @@ def main(argv=None):
                     log("waiting for the idle pilots (%.0f s in all)" % args.idle_seconds)
                 idle.join()
                 if "idle" not in results:
-                    raise RuntimeError("the idle measurement failed (see above)")
+                    raise RuntimeError(_ABORT[0] if _ABORT else
+                                       "the idle measurement failed (see above)")
         finally:
+            guard.stop()
+            kill_all()
             server.stop()
             results["meta"]["loadavg_end"] = os.getloadavg()
+    except RuntimeError as exc:
+        print("bench.py: the benchmark failed: %s" % exc, file=sys.stderr)
+        return 1
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
     results["meta"]["seconds"] = round(time.time() - started, 1)

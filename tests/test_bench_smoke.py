@@ -6,6 +6,7 @@ its table, writes its JSON, and that picas.py ran every token exactly once.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,13 +18,15 @@ BENCH = os.path.join(ROOT, "bench", "bench.py")
 def test_bench_quick_runs_and_prints_the_table(tmp_path):
     out_json = str(tmp_path / "bench.json")
     started = time.time()
+    # A session of its own, so that a timeout can stop the server and pilots it started too.
     proc = subprocess.Popen(
         [sys.executable, BENCH, "--quick", "--no-upstream", "--json", out_json],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, cwd=ROOT)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, cwd=ROOT,
+        start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=150)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         raise AssertionError("bench.py --quick took too long:\n%s\n%s" % (stdout, stderr))
     elapsed = time.time() - started
