@@ -444,6 +444,9 @@ class Server(object):
                 err = self._http_error(status, payload, method, path)
                 err.ambiguous = maybe_applied and method not in ("GET", "HEAD")
                 raise err
+            # Whether an earlier attempt of this request may have been applied:
+            # per-document results of a repeated _bulk_docs need checking then.
+            self._local.repeated = maybe_applied and method not in ("GET", "HEAD")
             if raw or method == "HEAD":
                 return status, resp_headers, payload
             return status, resp_headers, self._decode(payload, method, path)
@@ -723,7 +726,10 @@ class Database(object):
         :class:`HTTPError` naming what went wrong (``conflict``, ``forbidden``...).
         Successful revisions are written back into the documents. Documents
         without ``_id`` get a random one first, so a repeated request cannot
-        create duplicates.
+        create duplicates; when a repeated request meets conflicts, documents
+        found stored exactly as sent count as written. With
+        ``new_edits=False`` (replication-style writes) CouchDB's own answer
+        is returned.
         """
         docs = list(docs)
         for doc in docs:
@@ -738,8 +744,26 @@ class Database(object):
                 raise PicasError("_bulk_docs: the request (%d documents) is larger than the "
                                  "server accepts; write fewer documents at once" % len(docs))
             raise
+        if options.get("new_edits", True) is False:
+            return results
+        if not isinstance(results, list) or len(results) != len(docs):
+            raise BadResponse("POST %s/_bulk_docs: %d documents sent, but the server answered "
+                              "with %s results" % (self._path, len(docs), len(results)
+                                                   if isinstance(results, list) else "no"))
+        landed = {}
+        if getattr(self.server._local, "repeated", False):
+            # An attempt whose answer was lost may have written some documents:
+            # a conflict on exactly what we sent is our own write.
+            ids = [d["_id"] for d, r in zip(docs, results) if r.get("error") == "conflict"]
+            if ids:
+                rows = self.all_docs(keys=ids, include_docs=True)["rows"]
+                landed = dict((row["id"], row["doc"]) for row in rows if row.get("doc"))
         out = []
         for doc, result in zip(docs, results):
+            stored = landed.get(doc["_id"])
+            if "error" in result and stored is not None and _same_content(stored, doc):
+                log.debug("bulk write of %s: the repeated write had landed", doc["_id"])
+                result = {"id": doc["_id"], "rev": stored["_rev"]}
             if "error" in result:
                 status = {"conflict": 409, "forbidden": 403, "unauthorized": 401,
                           "not_found": 404}.get(result["error"], 400)
@@ -876,9 +900,17 @@ class Database(object):
                 content_type = "text/plain; charset=utf-8"
         params = {"rev": doc["_rev"]} if doc.get("_rev") else None
         path = "/%s/%s" % (_quote_id(doc["_id"]), quote(name, safe=""))
-        result = self.request("PUT", path, params=params, body=data,
-                              headers={"Content-Type": content_type},
-                              retry=bool(params))[2]
+        try:
+            result = self.request("PUT", path, params=params, body=data,
+                                  headers={"Content-Type": content_type},
+                                  retry=bool(params))[2]
+        except Conflict as exc:
+            # A repeated upload whose first attempt landed: the attachment is there.
+            current = self.get(doc["_id"]) if exc.ambiguous else None
+            info = ((current or {}).get("_attachments") or {}).get(name) or {}
+            if info.get("length") != len(data) or info.get("digest") != _md5_digest(data):
+                raise
+            result = {"rev": current["_rev"]}
         doc["_rev"] = result["rev"]
         return result["rev"]
 
@@ -893,6 +925,7 @@ class Database(object):
 
 
 _NO_KEY = object()
+_MISSING = object()
 
 
 class Row(dict):
@@ -945,6 +978,16 @@ def inline_attachment(doc, name, data, content_type="text/plain"):
         "content_type": content_type,
         "data": base64.b64encode(data).decode("ascii"),
     }
+
+
+def _md5_digest(data):
+    """CouchDB's attachment digest of ``data`` ("md5-" + base64)."""
+    import hashlib
+    try:
+        md5 = hashlib.md5(data)
+    except ValueError:          # FIPS mode: no MD5; compare lengths only
+        return None
+    return "md5-" + base64.b64encode(md5.digest()).decode("ascii")
 
 
 def _same_content(stored, written):
@@ -1735,7 +1778,10 @@ class _Watchdog(object):
                     cls._instance = subprocess.Popen(
                         [sys.executable, "-I", "-S", "-c", _WATCHDOG_CODE],
                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL, close_fds=True, env=env)
+                        stderr=subprocess.DEVNULL, close_fds=True, env=env,
+                        # Its own session: a batch system killing the pilot's
+                        # process group must not take the watchdog with it.
+                        start_new_session=True)
                 except OSError as exc:
                     log.warning("could not start the task watchdog (%s): tasks may outlive "
                                 "a killed pilot", exc)
@@ -1981,6 +2027,7 @@ class _Lease(object):
                 return
             body = dict(self._base, heartbeat=_now(), _rev=self.rev)
             for _ in range(5):
+                based_on = body["_rev"]
                 try:
                     self.db.save(body)
                     break
@@ -1997,9 +2044,14 @@ class _Lease(object):
                 return
             self.rev = body["_rev"]
             self._base = body
-            if self.task.get("_rev") != self.rev:
+            # The running token object moves to the new revision only when the
+            # heartbeat was written on top of what that object holds (its own
+            # revision, or the one user code just saved from it). When someone
+            # else wrote in between, it keeps its old revision: the result save
+            # then meets the conflict and re-applies the result on top of theirs.
+            if self.task.get("_rev") == based_on:
                 self.task["_rev"] = self.rev
-            self.task["heartbeat"] = body["heartbeat"]
+                self.task["heartbeat"] = body["heartbeat"]
 
     def owns(self, current):
         """True while ``current`` (the stored token) still belongs to this claim."""
@@ -2222,6 +2274,9 @@ class RunActor(object):
         timer = self._max_token_time
         self._phase = "running"
         try:
+            if self.stop_signal is not None:
+                # The signal came after the claim, before the task could be interrupted.
+                raise PilotInterrupted(self.stop_signal)
             if timer and hasattr(signal, "setitimer"):
                 signal.setitimer(signal.ITIMER_REAL, timer)
             self.prepare_run()
@@ -2286,11 +2341,17 @@ class RunActor(object):
     def _save_result(self, task, lease):
         """Save ``task`` on the lease's revision; never drop the result."""
         deadline = time.time() + RESULT_SAVE_PATIENCE
+        stash = None
         while True:
             if lease.lost is not None:
+                _discard_stash(stash)
                 return self._keep_orphan_result(task, lease.lost)
             try:
                 self._db.save(task)
+                if stash:
+                    log.info("the result of %s was saved after all; %s removed",
+                             task["_id"], stash)
+                _discard_stash(stash)
                 return True
             except Conflict:
                 current = self._db.get(task["_id"])
@@ -2301,8 +2362,10 @@ class RunActor(object):
                     continue
                 lease.lost = current or {}
             except (ServerUnreachable, ServerError) as exc:
+                # Keep a local copy while trying: a batch system may kill the
+                # pilot (SIGKILL after its stop signal) before the server is back.
+                stash = _stash_result(task, "the server stayed unreachable: %s" % exc)
                 if time.time() > deadline:
-                    _stash_result(task, "the server stayed unreachable: %s" % exc)
                     return False
                 log.warning("saving the result of %s failed (%s); trying again", task["_id"], exc)
                 time.sleep(random.uniform(5, 15))
@@ -2356,8 +2419,8 @@ class RunActor(object):
                 continue
 
     def _give_back(self, task, lease):
-        """Put an interrupted token back to todo, if it is still this pilot's."""
-        body = Task(dict(lease.claimed))
+        """Put an interrupted token back to todo, if it is still this pilot's and unfinished."""
+        body = Task(dict(lease._base))
         body["_rev"] = lease.rev
         body["lock"], body["done"] = self.token_reset_values
         for field in _CLAIM_FIELDS + _JOB_ID_FIELDS:
@@ -2369,9 +2432,14 @@ class RunActor(object):
                 return
             except Conflict:
                 current = self._db.get(task["_id"])
-                if not lease.owns(current):
+                if not lease.owns(current) or token_state(current) != "locked":
+                    # Taken or reset meanwhile, or finished: user code saved its
+                    # result itself (old API). A finished token never goes back.
                     return
-                body["_rev"] = current["_rev"]
+                body = Task(dict(current))
+                body["lock"], body["done"] = self.token_reset_values
+                for field in _CLAIM_FIELDS + _JOB_ID_FIELDS:
+                    body.pop(field, None)
             except PicasError as exc:
                 log.error("could not give token %s back (%s): it stays locked; "
                           "`picas.py reset locked --stale` will free it", task["_id"], exc)
@@ -2448,7 +2516,13 @@ def _reapply(task, claimed, current):
     task.update(merged)
 
 
-_MISSING = object()
+
+def _discard_stash(path):
+    if path:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def _stash_result(task, why):
@@ -2467,6 +2541,9 @@ def _stash_result(task, why):
 
 #: Linux limits one argument or environment string to 128 KiB (MAX_ARG_STRLEN).
 _MAX_ARG = 128 * 1024
+#: The longest input: it is an argument and also ``PICAS_TOKEN_INPUT=<input>``
+#: (one string with its terminating NUL).
+_MAX_INPUT = _MAX_ARG - len("PICAS_TOKEN_INPUT=") - 1
 
 
 def _utf8(text):
@@ -2504,11 +2581,12 @@ class CommandActor(RunActor):
         value = token.get("input")
         arg = value if isinstance(value, str) else json.dumps(value)
         tid = token["_id"]
-        if len(arg.encode("utf-8", "surrogateescape")) >= _MAX_ARG:
+        size = len(arg.encode("utf-8", "surrogateescape"))
+        if size > _MAX_INPUT:
             raise PicasError("the token's input is %d bytes, more than one command-line argument "
-                             "may hold (%d); keep large data in a file or an attachment and put "
-                             "its name in the input" % (len(arg.encode("utf-8", "replace")),
-                                                        _MAX_ARG))
+                             "and environment variable may hold (%d); keep large data in a file "
+                             "or an attachment and put its name in the input"
+                             % (size, _MAX_INPUT))
         if "\0" in arg:
             raise PicasError("the token's input holds a null character (\\0), which no "
                              "command-line argument can hold; keep such data in a file or an "
@@ -2593,22 +2671,41 @@ def push_tokens(db, lines=None, tokens=None, id_prefix="token", batch=500):
     """Create tokens in bulk: one per text line (``input`` = the line), or from dicts.
 
     Token ids are ``<id_prefix>-<n>`` with ``n`` the 1-based position, so
-    pushing the same input again creates nothing new: existing ids are
-    counted as ``existing``, never overwritten. Returns a dict with counts
+    pushing the same input again creates nothing new: existing ids holding
+    the same input are counted as ``existing``, never overwritten. An
+    existing id holding a different token (the same prefix used for other
+    work) is a failure: that token was not stored. Returns a dict with counts
     ``created``, ``existing`` and ``failed`` and the list of ``errors``.
     """
     report = {"created": 0, "existing": 0, "failed": 0, "errors": []}
     pending = []
+    # What makes a token this token; the rest is state a pilot changes.
+    state_fields = set(TOKEN_DEFAULTS) - set(["type", "input"])
+    state_fields.update(_CLAIM_FIELDS + _JOB_ID_FIELDS + ("_rev", "_attachments"))
 
     def flush():
-        for ok, doc_id, rev_or_error in db.update(pending):
+        clashes = []
+        for doc, (ok, doc_id, rev_or_error) in zip(pending, db.update(pending)):
             if ok:
                 report["created"] += 1
             elif isinstance(rev_or_error, Conflict):
-                report["existing"] += 1
+                clashes.append(doc)
             else:
                 report["failed"] += 1
                 report["errors"].append("%s: %s" % (doc_id, rev_or_error))
+        if clashes:
+            rows = db.all_docs(keys=[d["_id"] for d in clashes], include_docs=True)["rows"]
+            stored = dict((row["id"], row.get("doc")) for row in rows if row.get("doc"))
+            for doc in clashes:
+                there = stored.get(doc["_id"]) or {}
+                if all(there.get(k, _MISSING) == v for k, v in doc.items()
+                       if k not in state_fields):
+                    report["existing"] += 1
+                else:
+                    report["failed"] += 1
+                    report["errors"].append(
+                        "%s: this id already holds a different token (input %r); use another "
+                        "--id-prefix for other work" % (doc["_id"], there.get("input")))
         del pending[:]
 
     source = ((dict(TOKEN_DEFAULTS, input=line) for line in lines) if lines is not None
@@ -2638,17 +2735,21 @@ def scrub_token(token):
 def is_stale(doc, now=None, lease=None):
     """True when ``doc`` is locked by a pilot that stopped sending heartbeats.
 
-    Its ``heartbeat`` (or lock time) is older than the lease: by default three
-    times its ``heartbeat_interval`` plus a minute; ``lease`` seconds when
-    given, but never less than twice the interval (a live pilot is never
-    declared dead). Tokens without a heartbeat interval (upstream pilots, or
-    heartbeats switched off) are never stale.
+    Its ``heartbeat`` (or lock time, when there is none) is older than the
+    lease: by default three times its ``heartbeat_interval`` plus a minute;
+    ``lease`` seconds when given, but never less than twice the interval (a
+    live pilot is never declared dead). Tokens without a heartbeat interval
+    (upstream pilots, or heartbeats switched off) have no default lease:
+    they are stale only when ``lease`` is given and their lock time (or last
+    heartbeat) is older than that.
     """
     now = time.time() if now is None else now
     interval = _js_number(doc.get("heartbeat_interval")) or 0
     beat = _js_number(doc.get("heartbeat")) or _js_number(doc.get("lock")) or 0
+    if interval <= 0 and lease is None:
+        return False
     limit = 3 * interval + 60 if lease is None else max(lease, 2 * interval)
-    return token_state(doc) == "locked" and interval > 0 and now - beat > limit
+    return token_state(doc) == "locked" and now - beat > limit
 
 
 def select_tokens(db, view, design_doc="Monitor", older_than=None, stale=False, now=None,
@@ -3132,10 +3233,30 @@ def connection_settings(args, environ=None):
     return url, dbname, user, password
 
 
+def _number(kind, minimum, inclusive=True):
+    """An argparse type: a finite ``kind`` (int or float) >= ``minimum`` (> when not inclusive)."""
+    import argparse
+
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not %s" % (
+                text, "a whole number" if kind is int else "a number"))
+        if value != value or value in (float("inf"), float("-inf")) or \
+                value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError("%r: must be %s %s" % (
+                text, "at least" if inclusive else "more than", minimum))
+        return value
+    return convert
+
+
 def _build_parser():
     import argparse
+    prog = os.path.basename(sys.argv[0] or "") if sys.argv else ""
     parser = argparse.ArgumentParser(
-        prog="picas.py", description=__doc__.splitlines()[0], epilog=_EPILOG,
+        prog=prog if prog in ("picas", "picas.py") else "picas.py",
+        description=__doc__.splitlines()[0], epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="picas.py " + __version__)
     parser.add_argument("--url", help="CouchDB server URL (https://host:6984)")
@@ -3148,7 +3269,7 @@ def _build_parser():
     parser.add_argument("--capath", help="CA certificate directory (X509_CERT_DIR is honoured)")
     parser.add_argument("--insecure", action="store_true",
                         help="do not verify the server's TLS certificate (unsafe)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    parser.add_argument("--timeout", type=_number(float, 0, False), default=DEFAULT_TIMEOUT,
                         help="seconds per request (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -3171,24 +3292,28 @@ def _build_parser():
 
     p = sub.add_parser("status", help="count tokens per state")
     p.add_argument("--json", action="store_true", help="print a JSON object")
-    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    p.add_argument("--watch", type=_number(float, 0, False), metavar="SECONDS",
+                   help="refresh a progress line every SECONDS")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("run", help="run a command for every token (the generic pilot)")
     p.add_argument("--view", default="todo", help="view to take tokens from (default: todo)")
-    p.add_argument("--max-tasks", type=int, metavar="N", help="stop after N tokens")
-    p.add_argument("--max-time", type=float, metavar="S",
+    p.add_argument("--max-tasks", type=_number(int, 1), metavar="N", help="stop after N tokens")
+    p.add_argument("--max-time", type=_number(float, 0, False), metavar="S",
                    help="claim nothing after S seconds (walltime)")
-    p.add_argument("--max-token-time", type=float, metavar="S",
+    p.add_argument("--max-token-time", type=_number(float, 0, False), metavar="S",
                    help="kill a task after S seconds (exit code 124)")
-    p.add_argument("--max-scrub", type=int, default=0, metavar="N",
+    p.add_argument("--max-scrub", type=_number(int, 0), default=0, metavar="N",
                    help="retry a failed token up to N times")
     p.add_argument("--endless", action="store_true", help="wait for new tokens when the view is empty")
-    p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT, metavar="S",
+    p.add_argument("--sleep", type=_number(float, 0, False), default=10.0, metavar="S",
+                   help="with --endless: the first wait for new tokens; it doubles up to "
+                   "60 s or S, whichever is more (default: %(default)s)")
+    p.add_argument("--heartbeat", type=_number(float, 0), default=DEFAULT_HEARTBEAT, metavar="S",
                    help="seconds between heartbeats (default: %(default)s; 0: off)")
-    p.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="S",
+    p.add_argument("--grace", type=_number(float, 0), default=DEFAULT_GRACE, metavar="S",
                    help="seconds between SIGTERM and SIGKILL for a task (default: %(default)s)")
-    p.add_argument("--log-limit", type=int, default=DEFAULT_LOG_LIMIT, metavar="BYTES",
+    p.add_argument("--log-limit", type=_number(int, 0), default=DEFAULT_LOG_LIMIT, metavar="BYTES",
                    help="bytes of each log kept in the token (default: %(default)s)")
     p.add_argument("task", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     p.set_defaults(func=cmd_run)
@@ -3200,11 +3325,11 @@ def _build_parser():
         p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
         if name == "reset":
             group = p.add_mutually_exclusive_group()
-            group.add_argument("--older-than", type=float, metavar="HOURS",
+            group.add_argument("--older-than", type=_number(float, 0), metavar="HOURS",
                                help="only tokens locked more than HOURS ago")
             group.add_argument("--stale", action="store_true",
                                help="only locked tokens whose pilot stopped its heartbeat")
-            p.add_argument("--lease", type=float, metavar="S",
+            p.add_argument("--lease", type=_number(float, 0, False), metavar="S",
                            help="with --stale: a heartbeat older than S seconds is a dead pilot "
                                 "(default: 3 x its interval + 60; never less than 2 x)")
         p.set_defaults(func=cmd_reset if name == "reset" else cmd_delete)
@@ -3248,8 +3373,6 @@ def main(argv=None):
     saved = _setup_logging(args.verbose, args.quiet)
     try:
         url, dbname, user, password = connection_settings(args)
-        if getattr(args, "log_limit", 0) < 0:
-            raise UsageError("--log-limit must be 0 or more bytes")
         try:
             server = Server(url, user, password, timeout=args.timeout,
                             verify=not args.insecure, cafile=args.cafile, capath=args.capath)
@@ -3354,33 +3477,50 @@ def _parse_json_tokens(text, name):
 
 
 def cmd_status(args, db):
+    """Counts per state; with --watch a progress line (finished of total, rate, ETA).
+
+    On a terminal the watch line is rewritten in place; otherwise (a job's
+    log file) a new line is printed at every refresh.
+    """
     _require_db(db)
-    previous = None
-    while True:
-        counts = count_states(db, args.design_doc)
-        if args.json:
-            print(json.dumps(counts, sort_keys=True))
-        else:
-            total = sum(counts.values())
-            line = "todo %(todo)d  locked %(locked)d  done %(done)d  error %(error)d" % counts
-            line += "  (%d tokens)" % total
-            conflicted = conflicted_tokens(db)
-            if conflicted:
-                line += "  CONFLICTED %d (reset locked --stale repairs them)" % len(conflicted)
-            now = time.time()
-            finished = counts["done"] + counts["error"]
-            if previous is not None and now > previous[0]:
-                rate = (finished - previous[1]) / (now - previous[0])
-                left = counts["todo"] + counts["locked"]
-                line += "  %.2f tokens/s" % rate
-                if rate > 0 and left:
-                    line += ", ETA %s" % _duration(left / rate)
-            if previous is None:
-                previous = (now, finished)
-            print(line, flush=True)
-        if not args.watch:
-            return EXIT_OK
-        time.sleep(args.watch)
+    live = bool(args.watch) and not args.json and sys.stdout.isatty()
+    first = None
+    try:
+        while True:
+            counts = count_states(db, args.design_doc)
+            if args.json:
+                print(json.dumps(counts, sort_keys=True), flush=True)
+            else:
+                total = sum(counts.values())
+                line = "todo %(todo)d  locked %(locked)d  done %(done)d  error %(error)d" % counts
+                line += "  (%d tokens)" % total
+                conflicted = conflicted_tokens(db)
+                if conflicted:
+                    line += "  CONFLICTED %d (reset locked --stale repairs them)" % len(conflicted)
+                now = time.time()
+                finished = counts["done"] + counts["error"]
+                if args.watch:
+                    line += "  finished %d of %d (%.0f%%)" % (
+                        finished, total, 100.0 * finished / total if total else 100.0)
+                if first is not None and now > first[0]:
+                    rate = (finished - first[1]) / (now - first[0])
+                    left = counts["todo"] + counts["locked"]
+                    line += "  %.2f tokens/s" % rate
+                    if rate > 0 and left:
+                        line += ", ETA %s" % _duration(left / rate)
+                if first is None:
+                    first = (now, finished)
+                if live:
+                    sys.stdout.write("\r\x1b[K" + line)
+                    sys.stdout.flush()
+                else:
+                    print(line, flush=True)
+            if not args.watch:
+                return EXIT_OK
+            time.sleep(args.watch)
+    finally:
+        if live:
+            sys.stdout.write("\n")
 
 
 def _duration(seconds):
@@ -3409,6 +3549,10 @@ def _check_command(command):
 def cmd_run(args, db):
     command = args.task[1:] if args.task[:1] == ["--"] else args.task
     _check_command(command)
+    if args.max_time and args.max_token_time and args.max_token_time >= args.max_time:
+        raise UsageError("--max-token-time %g is not shorter than --max-time %g: no token "
+                         "could start (a token is started only when it can finish in time)"
+                         % (args.max_token_time, args.max_time))
     _require_db(db)
     # Fail before claiming anything when the view does not exist.
     view = args.view if "/" in args.view else "%s/%s" % (args.design_doc, args.view)
@@ -3416,7 +3560,7 @@ def cmd_run(args, db):
     actor = CommandActor(db, command, log_limit=args.log_limit, view=args.view,
                          design_doc=args.design_doc, heartbeat=args.heartbeat, grace=args.grace)
     if args.endless:
-        actor.iterator = EndlessViewIterator(actor.iterator)
+        actor.iterator = EndlessViewIterator(actor.iterator, sleep_sec=args.sleep)
     log.info("pilot %s claiming from %s in %s", actor.pilot_id, view, db.name)
     try:
         actor.run(max_token_time=args.max_token_time, max_total_time=args.max_time,

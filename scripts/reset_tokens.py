@@ -70,8 +70,8 @@ def legacy_hours(rest):
     for index, arg in enumerate(rest):
         if skip:
             skip = False
-        elif arg == "--older-than":
-            skip = True
+        elif arg in ("--older-than", "--lease"):
+            skip = True                     # its value is not upstream's HOURS
         elif not arg.startswith("-"):
             positional.append(index)
     if len(positional) != 2:

@@ -101,6 +101,13 @@ def couch():
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def _server_alive(request):
+    """Before every test that uses the server: restart it if an earlier request killed it."""
+    if "couch" in request.fixturenames:
+        request.getfixturevalue("couch").ensure_alive()
+
+
 @pytest.fixture
 def db(couch, request):
     """A fresh, empty database for one test, deleted afterwards."""

@@ -232,6 +232,7 @@ class FaultServer(object):
         self._open = set()                # sockets of the open client connections
         self._comeback = None             # the timer that ends an outage
         self.outages = []                 # (start, end) of every outage()
+        self.outage_cuts = []             # connections each outage() cut
 
     # -- life cycle -------------------------------------------------------------
 
@@ -262,6 +263,7 @@ class FaultServer(object):
         self._stop_listening()
         with self._lock:
             cut = list(self._open)
+            self.outage_cuts.append(len(cut))
         for sock in cut:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

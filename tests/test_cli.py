@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -478,17 +479,98 @@ def test_status_watch_refreshes_until_interrupted(cli, tdb):
     proc = subprocess.Popen([sys.executable, PICAS, "status", "--watch", "0.2"],
                             env=cli.couch.env(tdb.name), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    time.sleep(1.0)
+    doc = tdb.get("todo1")
+    doc.update(lock=int(time.time()), done=int(time.time()), exit_code=0)
+    tdb.save(doc)                                  # progress while it watches
+    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     out, err = out.decode(), err.decode()
     cli.transcript += [out, err]
     assert proc.returncode == 128 + signal.SIGINT
     lines = out.splitlines()
-    assert len(lines) >= 2
-    assert all(line.startswith("todo 3  locked 1  done 2  error 1  (7 tokens)") for line in lines)
-    assert "tokens/s" in lines[-1]
+    assert len(lines) >= 4                  # not a terminal: one line per refresh
+    assert lines[0].startswith("todo 3  locked 1  done 2  error 1  (7 tokens)  "
+                               "finished 3 of 7 (43%)")
+    assert lines[-1].startswith("todo 2  locked 1  done 3  error 1  (7 tokens)  "
+                                "finished 4 of 7 (57%)")
+    assert re.search(r"  \d+\.\d\d tokens/s, ETA \d+ (s|min)$", lines[-1]), lines[-1]
     assert "interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "--max-token-time", "-1"], ["run", "--max-token-time", "0"],
+    ["run", "--max-time", "nan"], ["run", "--heartbeat", "-5"], ["run", "--grace", "-1"],
+    ["run", "--max-scrub", "-1"], ["run", "--max-tasks", "0"], ["run", "--max-tasks", "1.5"],
+    ["run", "--log-limit", "-1"], ["run", "--endless", "--sleep", "0"],
+    ["status", "--watch", "-1"], ["status", "--watch", "nan"], ["--timeout", "0", "status"],
+    ["--timeout", "-1", "status"], ["reset", "locked", "--stale", "--lease", "inf"],
+    ["reset", "locked", "--older-than", "-2"]], ids=lambda a: " ".join(a))
+def test_bad_numbers_are_usage_errors_that_touch_nothing(cli, tdb, args):
+    make_tokens(tdb, ["a"])
+    before = revisions(tdb)
+    argv = args + (["--", "true"] if args[0] == "run" else []) + (
+        ["--yes"] if args[0] == "reset" else [])
+    result = cli(*argv)
+    assert result.code == picas.EXIT_USAGE, result
+    assert re.search(r"must be (at least|more than)|is not a (whole )?number", result.err), result
+    assert "Traceback" not in result.err
+    assert revisions(tdb) == before
+
+
+def test_max_token_time_not_shorter_than_max_time_is_a_usage_error(cli, tdb):
+    make_tokens(tdb, ["a"])
+    result = cli("run", "--max-time", "10", "--max-token-time", "20", "--", "true")
+    assert result.code == picas.EXIT_USAGE and "no token could start" in result.err, result
+    assert states(tdb) == {"t-1": "todo"}
+
+
+def test_run_max_time_stops_claiming_in_time(cli, tdb):
+    make_tokens(tdb, ["a", "b", "c", "d", "e", "f"])
+    started = time.time()
+    result = cli("run", "--heartbeat", "0", "--max-time", "1.5", "--max-token-time", "0.9",
+                 *sh("sleep 0.4"))
+    assert result.code == 0, result
+    assert time.time() - started < 3.5
+    finished = [t for t, s in states(tdb).items() if s == "done"]
+    assert 1 <= len(finished) <= 2, states(tdb)   # 0.6 s must remain to start one more
+    assert set(states(tdb).values()) == {"done", "todo"}
+
+
+def test_run_endless_waits_for_new_tokens_until_max_time(cli, tdb):
+    proc = subprocess.Popen([sys.executable, PICAS, "run", "--endless", "--sleep", "0.3",
+                             "--heartbeat", "0", "--max-time", "6", "--", "true"],
+                            env=cli.couch.env(tdb.name), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    assert proc.poll() is None                      # an empty view: it waits
+    make_tokens(tdb, ["late"])
+    assert wait_for(lambda: states(tdb) == {"t-1": "done"}, timeout=5)
+    out, err = proc.communicate(timeout=20)
+    cli.transcript += [out.decode(), err.decode()]
+    assert proc.returncode == 0, err
+
+
+def test_quiet_hides_the_per_token_lines(cli, tdb):
+    make_tokens(tdb, ["a"])
+    result = cli("-q", "run", "--heartbeat", "0", "--", "true")
+    assert result.code == 0 and states(tdb) == {"t-1": "done"}
+    assert "exit code" not in result.err and "pilot finished" not in result.err, result
+    make_tokens(tdb, ["b"], prefix="u")
+    result = cli("run", "--heartbeat", "0", "--", "true")
+    assert "exit code 0" in result.err and "pilot finished" in result.err, result
+
+
+def test_push_with_a_reused_prefix_and_other_input_fails_clearly(cli, tdb, tmp_path):
+    write(tmp_path / "a.txt", "one\ntwo\n")
+    write(tmp_path / "b.txt", "one\nsomething else\nthree\n")
+    assert cli("push", "--id-prefix", "run9", "a.txt").code == 0
+    result = cli("push", "--id-prefix", "run9", "b.txt")
+    assert result.code == picas.EXIT_ERROR, result
+    assert "created 1 tokens, 1 already existed (pushed before), 1 FAILED" in result.out
+    assert "run9-2: this id already holds a different token" in result.err
+    assert sorted(tdb.get(t)["input"] for t in states(tdb)) == ["one", "three", "two"]
 
 
 # -- reset and delete ----------------------------------------------------------
@@ -566,11 +648,20 @@ def test_reset_locked_stale_with_a_lease(cli, tdb):
         # a lease shorter than twice the interval is stretched to 2 x 100 s
         token("slow-beats", lock=now - 9000, heartbeat=now - 150, heartbeat_interval=100),
         token("upstream", lock=now - 9000),
+        token("upstream-recent", lock=now - 50),
     ])
-    result = cli("reset", "locked", "--stale", "--lease", "100", "--yes")
+    # Without a lease, tokens of pilots without heartbeats are never stale.
+    result = cli("reset", "locked", "--stale", "--yes")
     assert result.code == 0, result
     assert states(tdb) == {"gone": "todo", "alive": "locked", "slow-beats": "locked",
-                           "upstream": "locked"}
+                           "upstream": "locked", "upstream-recent": "locked"}
+    tdb.save(token("gone2", lock=now - 9000, heartbeat=now - 150, heartbeat_interval=10))
+    result = cli("reset", "locked", "--stale", "--lease", "100", "--yes")
+    assert result.code == 0, result
+    # With one, their lock time counts.
+    assert states(tdb) == {"gone": "todo", "gone2": "todo", "alive": "locked",
+                           "slow-beats": "locked", "upstream": "todo",
+                           "upstream-recent": "locked"}
 
 
 def test_reset_locked_older_than_hours(cli, tdb):
@@ -1116,7 +1207,7 @@ def test_input_that_cannot_be_an_argument_ends_in_error(cli, tdb, tmp_path, kind
     assert states(tdb) == {"t-1": "error", "t-2": "done"}
     doc = tdb.get("t-1")
     message = doc["error"][-1]["message"]
-    assert ("null" in message) if kind == "nul-byte" else ("argument may hold" in message)
+    assert ("null" in message) if kind == "nul-byte" else ("environment variable may hold" in message)
     assert attachment(tdb, "t-2") == b"ran t-2\n"
 
 

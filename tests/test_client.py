@@ -773,3 +773,15 @@ def test_redact_url(url, expected):
 
 def test_redact_url_schemeless():
     assert "s3cret" not in picas.redact_url("alice:s3cret@couch.example.org:5984/db")
+
+
+def test_the_test_server_is_restarted_when_a_request_killed_it(couch):
+    if couch.proc is None:
+        pytest.skip("an external CouchDB is not ours to restart")
+    couch.proc.kill()
+    couch.proc.wait()
+    assert not couch.alive()
+    couch.ensure_alive()
+    assert couch.alive()
+    assert couch.server().create_database("picas-test-after-restart").exists()
+    couch.server().delete_database("picas-test-after-restart")

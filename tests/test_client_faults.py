@@ -156,6 +156,24 @@ def test_429_without_retry_after_on_a_write_with_retry(fault):
 
 # Errors that are never retried ###############################################
 
+def test_retry_delays_grow_exponentially_with_jitter_up_to_the_cap(fault, monkeypatch):
+    monkeypatch.setattr(picas, "RETRY_BASE_DELAY", 0.5)
+    monkeypatch.setattr(picas, "RETRY_MAX_DELAY", 3.0)
+    slept, bounds = [], []
+    monkeypatch.setattr(picas.time, "sleep", slept.append)
+    real_uniform = picas.random.uniform
+
+    def uniform(a, b):
+        bounds.append((a, b))
+        return real_uniform(a, b)
+    monkeypatch.setattr(picas.random, "uniform", uniform)
+    fs = fault([("status", 503)] * 6 + [("json", 200, {"version": "fault"})])
+    assert client(fs, retries=6).info() == {"version": "fault"}
+    assert bounds == [(0.25, 0.5), (0.5, 1.0), (1.0, 2.0), (1.5, 3.0), (1.5, 3.0), (1.5, 3.0)]
+    assert all(a <= d <= b for d, (a, b) in zip(slept, bounds)) and len(slept) == 6
+    assert len(set(slept)) > 1                       # jittered, not fixed
+
+
 def test_non_json_body_raises_bad_response(fault):
     fs = fault([("raw", 200, b"<html>I am not CouchDB</html>")])
     with pytest.raises(picas.BadResponse) as info:
@@ -262,6 +280,57 @@ def test_update_whose_answer_was_lost_still_succeeds(couch, db, fault):
     assert rev.startswith("2-")
     assert db.get("upd") == {"_id": "upd", "_rev": rev, "n": 2}
     assert fs.methods() == ["PUT", "PUT", "GET"]
+
+
+def test_bulk_update_whose_answer_was_lost_reports_the_writes(couch, db, fault):
+    db.save({"_id": "old", "n": 1})
+    taken = db.get("old")
+    db.save(dict(taken, n=2))                       # makes `taken` outdated: a real conflict
+    fs = fault([("proxy_then_drop",)], upstream=couch.url)
+    pdb = client(fs, username=couch.username, password=couch.password, timeout=5).database(db.name)
+    docs = [{"_id": "a", "n": 1}, {"_id": "b", "n": 2}, dict(taken, n=3)]
+    results = pdb.update(docs)
+    assert [ok for ok, _, _ in results] == [True, True, False]
+    assert isinstance(results[2][2], picas.Conflict)
+    for doc in docs[:2]:
+        stored = db.get(doc["_id"])
+        assert doc["_rev"] == stored["_rev"] and stored["_rev"].startswith("1-")
+    assert db.get("old")["n"] == 2
+    assert fs.methods()[:2] == ["POST", "POST"]
+
+
+def test_bulk_update_checks_the_number_of_results(fault):
+    fs = fault([("json", 201, [{"ok": True, "id": "a", "rev": "1-x"}])])
+    pdb = client(fs).database("db")
+    with pytest.raises(picas.BadResponse):
+        pdb.update([{"_id": "a"}, {"_id": "b"}])
+
+
+def test_attachment_put_whose_answer_was_lost_still_succeeds(couch, db, fault):
+    doc = {"_id": "att"}
+    db.save(doc)
+    fs = fault([("proxy_then_drop",)], upstream=couch.url)
+    pdb = client(fs, username=couch.username, password=couch.password, timeout=5).database(db.name)
+    rev = pdb.put_attachment(doc, "x.txt", b"abc", "text/plain")
+    stored = db.get("att")
+    assert rev == doc["_rev"] == stored["_rev"] and rev.startswith("2-")
+    assert db.get_attachment("att", "x.txt") == b"abc"
+    assert fs.methods()[:2] == ["PUT", "PUT"]
+
+
+def test_lost_attachment_answer_and_another_writer_raises_conflict(couch, db, fault):
+    doc = {"_id": "att2"}
+    db.save(doc)
+
+    def forward_then_other_writer_then_drop(fs, request):
+        fs.forward(request)
+        other = db.get("att2")
+        db.put_attachment(other, "x.txt", b"someone else's")
+        return ("drop",)
+    fs = fault([forward_then_other_writer_then_drop], upstream=couch.url)
+    pdb = client(fs, username=couch.username, password=couch.password, timeout=5).database(db.name)
+    with pytest.raises(picas.Conflict):
+        pdb.put_attachment(doc, "x.txt", b"abc", "text/plain")
 
 
 def test_lost_answer_and_someone_else_wrote_raises_conflict(couch, db, fault):

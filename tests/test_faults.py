@@ -422,6 +422,7 @@ def test_pilots_through_a_faulty_network_run_every_token_exactly_once(couch, tdb
         assert all(retries_met_conflict(fs, chaos.lost[kind])), (kind, why)
     assert chaos.writes["heartbeat"] >= 10, why
     assert len(fs.outages) == 1
+    assert fs.outage_cuts[0] >= 1, why            # it cut pilots' open connections
     assert [r for r in fs.requests if r.time > fs.outages[0][1]], why
 
 
@@ -775,6 +776,7 @@ def test_stop_signals_at_random_moments_never_leave_tokens_locked_or_undo_result
     fs = proxy(default=lambda fs, request: ("sleep", rng.uniform(0, 0.03), ("proxy",)))
     args = ["run", "--heartbeat", "0.3", "--grace", "1", "--", task]
     done_claims = {}             # token -> the claim that finished it, when first seen done
+    done_at = {}
     codes = []
     for _ in range(30):
         pilot = Pilot(couch, tdb, args, url=fs.url, cwd=tmp_path)
@@ -796,6 +798,8 @@ def test_stop_signals_at_random_moments_never_leave_tokens_locked_or_undo_result
         assert set(states.values()) <= {"todo", "done"}, (seed, states)
         for tid, doc in docs.items():
             if states[tid] == "done":
+                if tid not in done_claims:
+                    done_at[tid] = len(lines(runs))      # task-log lines when first seen done
                 assert done_claims.setdefault(tid, doc["claim_id"]) == doc["claim_id"]
         assert all(states[t] == "done" for t in done_claims), seed      # done only grows
         if len(done_claims) == n:
@@ -806,9 +810,11 @@ def test_stop_signals_at_random_moments_never_leave_tokens_locked_or_undo_result
     docs = token_docs(tdb)
     assert all(picas.token_state(docs[t]) == "done" for t in ids)
     assert all(docs[t]["claim_id"] == c for t, c in done_claims.items())
-    # A finished, saved token never ran again.
-    ends = collections.Counter(w[1] for w in lines(runs) if w[0] == "end")
-    assert set(ends) == set(ids)
+    # A finished, saved token never ran again: no start after it was seen done.
+    log_lines = lines(runs)
+    assert set(w[1] for w in log_lines if w[0] == "end") == set(ids)
+    for tid, position in done_at.items():
+        assert ["start", tid] not in log_lines[position:], (seed, tid)
 
 
 @pytest.mark.faults
@@ -925,6 +931,16 @@ ROWS = [
 @pytest.mark.faults
 def test_bad_input_catalog_has_a_test_for_every_row():
     assert catalog_rows() == [row for row, _ in ROWS]
+    # The inputs the catalog must cover, whatever else it grows to hold.
+    required = ["Unreachable host", "DNS failure", "TLS certificate fails verification",
+                "Wrong password", "Missing database", "Missing design document or view",
+                "View returns documents that are not tokens",
+                "Tokens with missing, extra or wrongly typed fields", "Input larger than 128 KiB",
+                "Non-UTF-8 or binary task output", "Hundreds of MB of task output",
+                "Command that does not exist or is not executable",
+                "Malformed or world-readable config file",
+                "Interrupted push of a large token file"]
+    assert [row for row in required if row not in catalog_rows()] == []
     for _, name in ROWS:
         assert callable(globals().get(name)), name
 
@@ -936,7 +952,8 @@ def test_bad_input_unreachable_host(couch, tdb, tmp_path):
     url = "http://127.0.0.1:%d" % free_port()
     result = run_cli(couch, tdb, ["--url", url, "run", "--", "true"], cwd=tmp_path,
                      fast_retries=True)
-    assert_clear(result, 1, "cannot reach the server", "connection refused", url)
+    assert_clear(result, 1, "cannot reach the server", "connection refused", url,
+                 "(%d attempts)" % (picas.DEFAULT_RETRIES + 1))
     assert revisions(tdb) == before
 
 
@@ -947,7 +964,8 @@ def test_bad_input_dns_failure(couch, tdb, tmp_path):
     url = "http://nonexistent.invalid:5984"
     result = run_cli(couch, tdb, ["--url", url, "run", "--", "true"], cwd=tmp_path,
                      fast_retries=True)
-    assert_clear(result, 1, "host name not found", "nonexistent.invalid")
+    assert_clear(result, 1, "host name not found", "nonexistent.invalid",
+                 "(%d attempts)" % (picas.DEFAULT_RETRIES + 1), "over plain http://")
     assert revisions(tdb) == before
 
 
@@ -1108,17 +1126,26 @@ def test_bad_input_tokens_with_odd_fields(couch, tdb, tmp_path):
 
 @pytest.mark.faults
 def test_bad_input_huge_input(couch, tdb, tmp_path):
+    limit = picas._MAX_INPUT
     tdb.update([dict(picas.TOKEN_DEFAULTS, _id="huge", error=[], input="x" * (129 * 1024)),
+                dict(picas.TOKEN_DEFAULTS, _id="edge-big", error="an old failure",
+                     input="z" * (limit + 1)),
+                dict(picas.TOKEN_DEFAULTS, _id="edge-ok", error=[], input="w" * limit),
                 dict(picas.TOKEN_DEFAULTS, _id="small", error=[], input="y")])
     runs = tmp_path / "runs.log"
-    task = script(tmp_path / "task.sh", 'echo "$2" >> %s\n' % runs)
+    task = script(tmp_path / "task.sh", 'echo "$2" "${#1}" "${#PICAS_TOKEN_INPUT}" >> %s\n' % runs)
     result = run_cli(couch, tdb, ["run", "--", task], cwd=tmp_path)
-    assert_clear(result, 0, "more than one command-line argument may hold")
-    assert [w[0] for w in lines(runs)] == ["small"]
+    assert_clear(result, 0, "more than one command-line argument and environment variable")
+    assert sorted(lines(runs)) == [["edge-ok", str(limit), str(limit)], ["small", "1", "1"]]
     doc = tdb.get("huge")
     assert picas.token_state(doc) == "error" and doc["exit_code"] != 0
-    assert "132096 bytes, more than one command-line argument may hold" in doc["error"][-1]["message"]
+    assert "input is 132096 bytes, more than one" in doc["error"][-1]["message"]
     assert doc["input"] == "x" * (129 * 1024)                    # the input is kept
+    edge = tdb.get("edge-big")
+    assert picas.token_state(edge) == "error"
+    assert edge["error"][0] == "an old failure"                  # a non-list error is wrapped
+    assert "input is %d bytes" % (limit + 1) in edge["error"][-1]["message"]
+    assert picas.token_state(tdb.get("edge-ok")) == "done"
     assert picas.token_state(tdb.get("small")) == "done"
 
 
@@ -1254,10 +1281,10 @@ def test_bad_input_interrupted_push(couch, db, tmp_path):
 
 # Security ####################################################################
 
-def secret_forms(password):
+def secret_forms(password, username="admin"):
     """The ways a password could leak: plain, URL-quoted, and inside Basic auth."""
     forms = set([password, SENTINEL_PASSWORD, quote(password, safe="")])
-    for user in ("admin", os.environ.get("PICAS_USERNAME") or "admin"):
+    for user in ("admin", os.environ.get("PICAS_USERNAME") or "admin", username):
         forms.add(base64.b64encode(("%s:%s" % (user, password)).encode()).decode())
     return [f.encode("utf-8") for f in forms if f]
 
@@ -1284,7 +1311,7 @@ sys.exit(3 if sys.argv[1] == "fail" else 0)
 @pytest.mark.faults
 def test_password_never_reaches_tasks_logs_errors_documents_or_status(couch, tdb, proxy,
                                                                       tmp_path):
-    secrets = secret_forms(couch.password)
+    secrets = secret_forms(couch.password, couch.username)
     dump, gate = tmp_path / "dump", tmp_path / "gate"
     dump.mkdir()
     task = tmp_path / "task.py"
@@ -1392,6 +1419,30 @@ def test_tls_verification_is_on_by_default(https_server):
         assert not [m for m in messages if "switched OFF" in m]
         assert picas.Server(url, verify=False).info()["total_rows"] == 0
         assert [m for m in messages if "verification is switched OFF" in m]
+
+
+@pytest.mark.faults
+def test_tls_cas_from_a_directory_and_the_environment(https_server, tmp_path, monkeypatch):
+    url, cert = https_server
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("X509_CERT_DIR", raising=False)
+    hashed = subprocess.run([shutil.which("openssl"), "x509", "-hash", "-noout", "-in", cert],
+                            stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+    cadir = tmp_path / "certificates"          # laid out like /etc/grid-security/certificates
+    cadir.mkdir()
+    shutil.copy(cert, str(cadir / (hashed + ".0")))
+    with pytest.raises(picas.ServerUnreachable):
+        picas.Server(url, retries=0).info()
+    assert picas.Server(url, capath=str(cadir)).info()["total_rows"] == 0
+    monkeypatch.setenv("X509_CERT_DIR", str(cadir))
+    assert picas.Server(url).info()["total_rows"] == 0
+    monkeypatch.delenv("X509_CERT_DIR")
+    monkeypatch.setenv("SSL_CERT_FILE", cert)
+    assert picas.Server(url).info()["total_rows"] == 0
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    with pytest.raises(picas.PicasError) as info:
+        picas.Server(url)
+    assert "does not exist" in str(info.value)
 
 
 @pytest.mark.faults

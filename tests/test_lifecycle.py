@@ -1,4 +1,5 @@
 """The token life cycle against the live server: claims, modifiers, the actor loop."""
+import os
 import signal
 import subprocess
 import sys
@@ -322,6 +323,42 @@ def test_conflict_on_result_save_reapplies_the_result(tdb):
     assert doc["note"] == "added by an operator while the task ran"
 
 
+def test_conflict_on_result_save_reapplies_the_result_with_heartbeats_on(tdb):
+    make_tokens(tdb, ["a"])
+    revs = []
+
+    def meddle(actor, token):
+        other = tdb.get(token["_id"])
+        other["note"] = "added by an operator while the task ran"
+        tdb.save(other)
+        for _ in range(10):                 # heartbeats meet the operator's revision
+            time.sleep(0.1)
+            revs.append(tdb.get(token["_id"])["_rev"])
+    Recorder(tdb, work=meddle, heartbeat=0.2).run()
+    assert len(set(revs)) >= 3
+    doc = tdb.get("t-1")
+    assert picas.token_state(doc) == "done"
+    assert doc["output"] == "result of a"
+    assert doc["note"] == "added by an operator while the task ran"
+
+
+def test_stop_signal_after_user_code_saved_the_result_keeps_it(tdb):
+    make_tokens(tdb, ["a", "b"])
+
+    def save_then_get_stopped(actor, token):
+        token["exit_code"] = 0
+        token["done"] = picas.seconds()
+        tdb.save(token)                      # as upstream-style process_task code does
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)                        # interrupted here
+    actor = Recorder(tdb, work=save_then_get_stopped, heartbeat=0)
+    with pytest.raises(SystemExit) as info:
+        actor.run()
+    assert info.value.code == 128 + signal.SIGTERM
+    assert states(tdb) == {"t-1": "done", "t-2": "todo"}
+    assert tdb.get("t-1")["scrub_count"] == 0
+
+
 def test_result_of_a_token_reset_meanwhile_is_kept_in_its_error_list(tdb):
     make_tokens(tdb, ["a"])
 
@@ -350,7 +387,7 @@ def test_heartbeat_refreshes_the_running_token(tdb):
     revs = set(d["_rev"] for d in seen)
     assert len(revs) >= 3                          # heartbeats wrote new revisions
     assert all(picas.token_state(d) == "locked" for d in seen)
-    assert seen[-1]["heartbeat"] > seen[0]["heartbeat"] - 1
+    assert seen[-1]["heartbeat"] > seen[0]["heartbeat"]
     assert seen[0]["heartbeat_interval"] == 0.5
     assert picas.token_state(tdb.get("t-1")) == "done"
 
@@ -423,6 +460,18 @@ def test_sigkilled_pilot_takes_its_task_processes_with_it(couch, tdb, tmp_path):
     assert wait_for(lambda: not any(alive(p) for p in read_pids(str(pids))), timeout=1.0)
     assert time.time() - started <= 1.0
     assert states(tdb) == {"t-1": "locked"}         # for `reset --stale` to find
+
+
+def test_pilot_whose_whole_process_group_is_sigkilled_leaves_no_task(couch, tdb, tmp_path):
+    # As a batch system or `kill -9 -PGID` does: the watchdog must not be in that group.
+    make_tokens(tdb, ["a"])
+    script, pids = _slow_script(tmp_path)
+    pilot = start_pilot(couch, tdb, ["run", "--", str(script)], start_new_session=True)
+    assert wait_for(lambda: len(read_pids(str(pids))) == 2, timeout=20)
+    os.killpg(pilot.pid, signal.SIGKILL)
+    pilot.wait(10)
+    assert wait_for(lambda: not any(alive(p) for p in read_pids(str(pids))), timeout=1.0)
+    assert states(tdb) == {"t-1": "locked"}
 
 
 def test_run_exit_status_tells_no_work_from_work_done(couch, tdb):
