@@ -3336,6 +3336,44 @@ def _build_parser():
     return parser
 
 
+def split_global_options(argv):
+    """Return (picas.py's global options, the rest) of ``argv``, wherever the options stand.
+
+    For the scripts in scripts/, which take ``--db NAME`` before or after
+    their own arguments; ``picas.py`` itself wants global options first.
+    Everything after ``--`` belongs to the rest.
+    """
+    takes_value = {}
+    for action in _build_parser()._actions:
+        for option in action.option_strings:
+            takes_value[option] = action.nargs != 0
+    front, rest = [], []
+    args = iter(argv)
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if arg == "--":
+            rest.append(arg)
+            rest.extend(args)
+        elif name in takes_value and name != "-h" and name != "--help":
+            front.append(arg)
+            if takes_value[name] and "=" not in arg:
+                front.append(next(args, ""))
+        elif len(arg) > 1 and arg[0] == "-" and set(arg[1:]) <= set("vq"):   # -vv, -q
+            front.append(arg)
+        else:
+            rest.append(arg)
+    return front, rest
+
+
+def script_main(command, argv=None, rewrite=None):
+    """Run ``picas.py COMMAND`` for a script in scripts/: global options may stand anywhere.
+
+    ``rewrite(rest)`` may turn the script's own arguments into the command's.
+    """
+    front, rest = split_global_options(sys.argv[1:] if argv is None else argv)
+    return main(front + [command] + (rewrite(rest) if rewrite else rest))
+
+
 def _setup_logging(verbose, quiet):
     """Send picas' log to stderr for the command line; return what to restore afterwards."""
     handler = logging.StreamHandler(sys.stderr)
@@ -3418,12 +3456,43 @@ def cmd_views(args, db):
         db.server.create_database(db.name, n=1 if args.single_copy else None)
         log.info("created database %s", db.name)
     _require_db(db)
+    if args.filter is not None:
+        _check_filter(args.filter)
     changed = db.ensure_design(args.design_doc, standard_views(args.filter))
     db.ensure_design(CONFLICTS_DESIGN, CONFLICTS_VIEWS)
+    if args.filter is not None:
+        # CouchDB reports a JavaScript error when the view is queried.
+        try:
+            db.view("%s/overview_total" % args.design_doc, limit=0)
+        except HTTPError as exc:
+            raise UsageError("the views with --filter %r do not work on the server (%s); fix "
+                             "the condition and run views again" % (args.filter, exc))
     log.info("views in _design/%s %s: %s", args.design_doc,
              "created or updated" if changed else "already up to date",
              ", ".join(name for name, _ in _STATE_CONDITIONS) + ", overview_total")
     return EXIT_OK
+
+
+def _check_filter(condition):
+    """Refuse a --filter that is empty or would break out of its parentheses in the views."""
+    depth, quote_char, escaped = 0, None, False
+    for char in condition:
+        if quote_char:
+            if char == quote_char and not escaped:
+                quote_char = None
+            escaped = not escaped and char == "\\"
+            continue
+        if char in "\"'":
+            quote_char = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+            if depth < 0:
+                break
+    if not condition.strip() or depth != 0 or quote_char:
+        raise UsageError("--filter %r is not one JavaScript condition with balanced brackets "
+                         "and quotes, e.g. \"doc.cores == 1\"" % condition)
 
 
 def cmd_push(args, db):

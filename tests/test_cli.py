@@ -293,6 +293,14 @@ def test_views_with_a_filter_in_their_own_design_document(cli, db):
     assert db.get("_design/SingleCore")["_rev"] == rev
 
 
+@pytest.mark.parametrize("condition", ["x) || (true", "(doc.cores == 1", "doc.name == 'a",
+                                       "  "])
+def test_views_refuse_a_filter_that_is_not_one_condition(cli, db, condition):
+    result = cli("--design-doc", "Broken", "views", "--filter", condition)
+    assert result.code == picas.EXIT_USAGE and "balanced brackets" in result.err, result
+    assert db.get("_design/Broken") is None
+
+
 def test_views_create_db_creates_a_missing_database(cli, make_db):
     new = make_db(create=False)
     result = cli("--db", new.name, "views")
