@@ -623,6 +623,7 @@ class Database(object):
         self.server = server
         self.name = name
         self._path = "/" + quote(name, safe="")
+        self.recovered = set()      # see _bulk
 
     def __repr__(self):
         return "%s(%r, %r)" % (type(self).__name__, self.server.url, self.name)
@@ -664,6 +665,22 @@ class Database(object):
                 raise NotFound(404, "not_found", "database %r does not exist" % self.name,
                                "GET", self._doc_path(doc_id))
             return default
+
+    def live_leaves(self, doc_id):
+        """The current revisions ("leaves") of a document that are not deleted.
+
+        One, unless concurrent writes through different cluster nodes left
+        conflicting revisions. Read from every copy (``r=3``) so that a leaf
+        only some copies hold so far is seen too.
+        """
+        try:
+            found = self.request("GET", "/" + _quote_id(doc_id),
+                                 params={"open_revs": "all", "r": 3})[2]
+        except NotFound:
+            return []
+        return [item["ok"] for item in found or []
+                if isinstance(item, dict) and isinstance(item.get("ok"), dict)
+                and not item["ok"].get("_deleted")]
 
     def __getitem__(self, doc_id):
         doc = self.get(doc_id)
@@ -731,6 +748,16 @@ class Database(object):
         ``new_edits=False`` (replication-style writes) CouchDB's own answer
         is returned.
         """
+        return self._bulk(docs, **options)[1]
+
+    def _bulk(self, docs, **options):
+        """:meth:`update`, also returning the HTTP status: ``(status, results)``.
+
+        A CouchDB cluster answers 202 instead of 201 when some write reached
+        fewer copies than its quorum (the per-document results do not say which).
+        Afterwards ``self.recovered`` holds the ids of writes that were found
+        landed by an earlier attempt whose answer was lost: their status is unknown.
+        """
         docs = list(docs)
         for doc in docs:
             if "_id" not in doc:
@@ -738,14 +765,14 @@ class Database(object):
         body = dict(options)
         body["docs"] = docs
         try:
-            results = self.request("POST", "/_bulk_docs", body=body, retry=True)[2]
+            status, _, results = self.request("POST", "/_bulk_docs", body=body, retry=True)
         except HTTPError as exc:
             if exc.status == 413:
                 raise PicasError("_bulk_docs: the request (%d documents) is larger than the "
                                  "server accepts; write fewer documents at once" % len(docs))
             raise
         if options.get("new_edits", True) is False:
-            return results
+            return status, results
         if not isinstance(results, list) or len(results) != len(docs):
             raise BadResponse("POST %s/_bulk_docs: %d documents sent, but the server answered "
                               "with %s results" % (self._path, len(docs), len(results)
@@ -759,11 +786,13 @@ class Database(object):
                 rows = self.all_docs(keys=ids, include_docs=True)["rows"]
                 landed = dict((row["id"], row["doc"]) for row in rows if row.get("doc"))
         out = []
+        self.recovered = set()      # ids whose write was found landed, its answer lost
         for doc, result in zip(docs, results):
             stored = landed.get(doc["_id"])
             if "error" in result and stored is not None and _same_content(stored, doc):
                 log.debug("bulk write of %s: the repeated write had landed", doc["_id"])
                 result = {"id": doc["_id"], "rev": stored["_rev"]}
+                self.recovered.add(doc["_id"])
             if "error" in result:
                 status = {"conflict": 409, "forbidden": 403, "unauthorized": 401,
                           "not_found": 404}.get(result["error"], 400)
@@ -773,7 +802,7 @@ class Database(object):
             else:
                 doc["_rev"] = result["rev"]
                 out.append((True, doc["_id"], result["rev"]))
-        return out
+        return status, out
 
     def all_docs(self, **params):
         """Query ``_all_docs``; returns CouchDB's result dict (``rows``, ``total_rows``)."""
@@ -1435,6 +1464,8 @@ class _Claimer(object):
     window_age = 10.0
     #: The largest random ``skip`` used to spread pilots (skip costs grow with it).
     max_skip = 1000
+    #: Seconds an empty view read is trusted: a claim right after it returns None.
+    empty_memory = 1.0
 
     def __init__(self, db, view, design_doc="Monitor", pilot_id=None, **view_params):
         self.db = _database(db)
@@ -1450,28 +1481,89 @@ class _Claimer(object):
         self._warned = set()        # ids of non-tokens already warned about
         self._rows = {}             # id -> view row of the current window
         self._skipped_to = 0        # the random skip of the last window read
+        self._misses = 0            # lock writes that lost since the last window read
+        self._empty_at = 0.0        # when the view was last found empty
+        self._held = None           # a token claimed with the last result, not yet handed out
+        self._uncertain = None      # the lock body of a combined write whose answer was lost
 
     def claim(self):
         """Claim one token and return it as a :class:`Task`, or None when the view is empty."""
-        misses = 0
+        held, self._held = self._held, None
+        if held is not None:
+            return held
+        token = self._adopt_uncertain()
+        if token is not None:
+            return token
         while True:
-            if self.stop is not None and self.stop():
+            doc = self._next_candidate()
+            if doc is None:
                 return None
-            if not self._candidates or misses >= 3 or \
-                    time.time() - self._fetched > self.window_age:
-                # A window read at a random position may miss the few tokens left
-                # before it: then look once more from the start of the view.
-                if not self._read_window() and not (self._skipped_to and
-                                                    self._read_window(at_start=True)):
-                    return None
-                misses = 0
-            doc = self._candidates.pop(random.randrange(len(self._candidates)))
             token = self._lock(doc)
             if token is not None:
                 return token
-            misses += 1
-            if misses > 1:
-                time.sleep(random.uniform(0, min(1.0, 0.01 * 2 ** misses)))
+            self._missed()
+
+    def save_and_claim(self, doc):
+        """Save ``doc`` (a finished token) and lock the next candidate in one request.
+
+        One ``_bulk_docs`` POST carries both writes, each a compare-and-set
+        on its own revision, so a pilot makes about one request per token
+        instead of two. The claim, if the lock won, is kept for the next
+        :meth:`claim`; as with a lone PUT, only a 201 answer (every write
+        reached its quorum) makes the lock a claim. ``doc`` gets its new
+        ``_rev``; a conflict or refusal of ``doc`` is raised as with
+        :meth:`Database.save`, after the lock's outcome has been recorded.
+        Without a candidate (or once claiming must stop) it is a plain save.
+        """
+        candidate = None if self._held is not None else self._next_candidate()
+        if token_state(doc) == "todo":
+            self.forget_empty()          # it goes back to the view (a scrub): look again
+        if candidate is None:
+            self.db.save(doc)
+            return
+        body = self._lock_body(candidate)
+        self._uncertain = body              # until the answer tells what happened
+        status, results = self.db._bulk([doc, body])
+        self._uncertain = None
+        (saved, _, saved_or_error), (locked, _, lock_or_error) = results
+        if locked and body["_id"] in self.db.recovered:
+            self._held = self._won_unheard(body)      # the status that counts was lost
+        elif locked:
+            self._held = self._locked(body, status)
+        elif isinstance(lock_or_error, Conflict):
+            self.stats.conflicts += 1
+            self._missed()
+        else:
+            self.stats.skipped += 1          # deleted since the view was read, or refused
+        if not saved:
+            raise saved_or_error
+
+    def _next_candidate(self):
+        """The next todo document to try to lock (reading windows as needed), or None."""
+        if self.stop is not None and self.stop():
+            return None
+        if not self._candidates or self._misses >= 3 or \
+                time.time() - self._fetched > self.window_age:
+            if not self._candidates and time.time() - self._empty_at < self.empty_memory:
+                return None              # just looked: nothing there
+            # A window read at a random position may miss the few tokens left
+            # before it: then look once more from the start of the view.
+            if not self._read_window() and not (self._skipped_to and
+                                                self._read_window(at_start=True)):
+                self._empty_at = time.time()
+                return None
+            self._misses = 0
+        return self._candidates.pop(random.randrange(len(self._candidates)))
+
+    def _missed(self):
+        """Another pilot was faster: back off a little (more after repeated misses)."""
+        self._misses += 1
+        if self._misses > 1:
+            time.sleep(random.uniform(0, min(1.0, 0.01 * 2 ** self._misses)))
+
+    def forget_empty(self):
+        """Look at the view again on the next claim, even if it was empty a moment ago."""
+        self._empty_at = 0.0
 
     def _read_window(self, at_start=False):
         """Read a window of claimable candidates; False when the view has none.
@@ -1511,31 +1603,37 @@ class _Claimer(object):
                         "passed over", self.view_name, doc.get("_id"))
         return False
 
-    def _lock(self, doc):
-        if not self._claimable(doc):
-            return None
+    def _lock_body(self, doc):
+        """The locked token to write: unique to this pilot and this claim."""
         token = Task(doc)
         token.lock()
         token["pilot_id"] = self.pilot_id
         token["claim_id"] = new_id()
         token["heartbeat"] = token["lock"]
         token.update(self.lock_fields)
+        return token
+
+    def _lock(self, doc):
+        if not self._claimable(doc):
+            return None
+        token = self._lock_body(doc)
         try:
             status, _, result = self.db.request(
                 "PUT", "/" + _quote_id(token["_id"]), body=token, retry=True)
         except Conflict as exc:
             if exc.ambiguous:
                 # The answer to our first attempt was lost: was the lock ours?
-                current = self.db.get(token["_id"])
-                if current is not None and current.get("claim_id") == token["claim_id"]:
-                    token["_rev"] = current["_rev"]
-                    self.stats.claims += 1
-                    return token
+                return self._won_unheard(token)
             self.stats.conflicts += 1
             return None
         except NotFound:
             self.stats.skipped += 1          # deleted since the view was read
             return None
+        token["_rev"] = result["rev"]
+        return self._locked(token, status)
+
+    def _locked(self, token, status):
+        """The lock write of ``token`` (its new ``_rev`` set) was answered ``status``."""
         if status != 201:
             # 202: the write reached fewer copies than the cluster's quorum, so
             # another pilot may own this token. Neither run it nor write to it.
@@ -1543,11 +1641,50 @@ class _Claimer(object):
             log.info("lock of %s answered %d, not 201: not a claim; trying another token",
                      token["_id"], status)
             return None
-        token["_rev"] = result["rev"]
         self.stats.claims += 1
         row = self._rows.get(token["_id"]) or {}
         token.view_key, token.view_value = row.get("key"), row.get("value")
         return token
+
+    def _won_unheard(self, token):
+        """A lock write landed but its answer was lost: is the token ours? Return it, or None.
+
+        The answer might have been a 202 (a cluster write that missed its
+        quorum, while another pilot's write won). So the lock counts only when
+        this claim's revision is the token's only live revision: then no other
+        pilot can hold it. Otherwise the token is left alone, not written to
+        (``reset --stale`` repairs a token nobody runs).
+        """
+        leaves = self.db.live_leaves(token["_id"])
+        if len(leaves) == 1 and leaves[0].get("claim_id") == token["claim_id"]:
+            token["_rev"] = leaves[0]["_rev"]
+            self.stats.claims += 1
+            row = self._rows.get(token["_id"]) or {}
+            token.view_key, token.view_value = row.get("key"), row.get("value")
+            return token
+        if any(leaf.get("claim_id") == token["claim_id"] for leaf in leaves):
+            self.stats.accepted += 1
+            log.warning("token %s: this pilot's lock landed next to another revision (a "
+                        "cluster split): not a claim; `reset --stale` will repair it",
+                        token["_id"])
+        else:
+            self.stats.conflicts += 1
+        return None
+
+    def _adopt_uncertain(self):
+        """A combined write whose answer never came: was its lock written, and won?"""
+        body, self._uncertain = self._uncertain, None
+        if body is None:
+            return None
+        token = self._won_unheard(body)
+        if token is not None:
+            log.info("token %s: the lock written with the last result was ours", body["_id"])
+        return token
+
+    def give_back_held(self):
+        """The token claimed ahead with the last result, if any: the caller must give it back."""
+        held, self._held = self._held, None
+        return held or self._adopt_uncertain()
 
 
 class ViewIterator(object):
@@ -1611,6 +1748,18 @@ class TaskViewIterator(ViewIterator):
     def claim_task(self):
         return self._claimer.claim()
 
+    def reset(self):
+        ViewIterator.reset(self)
+        self._claimer.forget_empty()
+
+    def _ahead(self):
+        """The claimer that may claim the next token together with a result save."""
+        return self._claimer
+
+    def expect_rows(self, total_rows):
+        """Tell the claimer how many rows the view has, so its first read spreads out too."""
+        self._claimer._total = total_rows
+
     def reconnect(self, database):
         self.database = self._claimer.db = database
 
@@ -1645,6 +1794,11 @@ class PrioritizedViewIterator(ViewIterator):
 
     def claim_task(self):
         return self._high.claim() or self._low.claim()
+
+    def reset(self):
+        ViewIterator.reset(self)
+        for claimer in (self._high, self._low):
+            claimer.forget_empty()
 
     def reconnect(self, database):
         self.database = self._high.db = self._low.db = database
@@ -1703,6 +1857,14 @@ class EndlessViewIterator(ViewIterator):
                 time.sleep(min(0.5, max(0.0, deadline - time.time())))
             delay = min(self.max_sleep_sec, delay * 2)
         return None
+
+    def _ahead(self):
+        inner = getattr(self.iterator, "_ahead", None)
+        return inner() if inner else None
+
+    def expect_rows(self, total_rows):
+        if hasattr(self.iterator, "expect_rows"):
+            self.iterator.expect_rows(total_rows)
 
     def reconnect(self, database):
         self.iterator.reconnect(database)
@@ -2202,6 +2364,7 @@ class RunActor(object):
         finally:
             self._phase = "stopping"
             try:
+                self._give_back_held()
                 self.cleanup_env()
             finally:
                 self._restore_signal_handlers(saved)
@@ -2225,11 +2388,12 @@ class RunActor(object):
                 getattr(type(self).process_task, "__func__", type(self).process_task)
                 is RunActor.process_task)
 
-    def _may_claim(self):
+    def _may_claim(self, finishing=0):
+        """True while a new token may be claimed (``finishing``: tokens about to be counted)."""
         max_token_time, max_total_time, max_tasks, stop_function, kwargs = self._limits
         if self.stop_signal is not None:
             return False
-        if max_tasks and self.tasks_processed >= max_tasks:
+        if max_tasks and self.tasks_processed + finishing >= max_tasks:
             return False
         if max_total_time is not None:
             remaining = max_total_time - (time.time() - self._start)
@@ -2338,16 +2502,35 @@ class RunActor(object):
             Task.scrub(task)
         self._save_result(task, lease)
 
+    def _claim_ahead(self):
+        """The claimer that may lock the next token in the same request as this result.
+
+        Only when the next claim would follow anyway: no stop criterion holds
+        once this token counts, and no user ``stop_function`` (which upstream
+        calls after ``cleanup_run``) has to be asked first.
+        """
+        ahead = getattr(self.iterator, "_ahead", None)
+        if ahead is None or self._limits[3] is not None or self._old_api():
+            return None
+        if not self._may_claim(finishing=1):
+            return None
+        return ahead()
+
     def _save_result(self, task, lease):
         """Save ``task`` on the lease's revision; never drop the result."""
         deadline = time.time() + RESULT_SAVE_PATIENCE
         stash = None
+        ahead = self._claim_ahead()
         while True:
             if lease.lost is not None:
                 _discard_stash(stash)
                 return self._keep_orphan_result(task, lease.lost)
             try:
-                self._db.save(task)
+                if ahead is not None:
+                    claimer, ahead = ahead, None          # only the first attempt
+                    claimer.save_and_claim(task)
+                else:
+                    self._db.save(task)
                 if stash:
                     log.info("the result of %s was saved after all; %s removed",
                              task["_id"], stash)
@@ -2417,6 +2600,19 @@ class RunActor(object):
                 return
             except Conflict:
                 continue
+
+    def _give_back_held(self):
+        """Give back a token that was claimed with the last result but will not run."""
+        ahead = getattr(self.iterator, "_ahead", None)
+        claimer = ahead() if ahead else None
+        try:
+            held = claimer.give_back_held() if claimer is not None else None
+        except PicasError as exc:
+            log.error("could not check the token locked with the last result (%s); "
+                      "`picas.py reset locked --stale` frees it if it stayed locked", exc)
+            return
+        if held is not None:
+            self._give_back(held, _Lease(self._db, held, 0))
 
     def _give_back(self, task, lease):
         """Put an interrupted token back to todo, if it is still this pilot's and unfinished."""
@@ -3625,11 +3821,13 @@ def cmd_run(args, db):
     _require_db(db)
     # Fail before claiming anything when the view does not exist.
     view = args.view if "/" in args.view else "%s/%s" % (args.design_doc, args.view)
-    db.view(view, limit=0)
+    total_rows = db.view(view, limit=0).get("total_rows")
     actor = CommandActor(db, command, log_limit=args.log_limit, view=args.view,
                          design_doc=args.design_doc, heartbeat=args.heartbeat, grace=args.grace)
     if args.endless:
         actor.iterator = EndlessViewIterator(actor.iterator, sleep_sec=args.sleep)
+    # Pilots starting together then spread over the view from their first read.
+    actor.iterator.expect_rows(total_rows)
     log.info("pilot %s claiming from %s in %s", actor.pilot_id, view, db.name)
     try:
         actor.run(max_token_time=args.max_token_time, max_total_time=args.max_time,

@@ -46,7 +46,8 @@ is accepted too, for anything the tuples cannot say):
     connections without answering: the connection died mid-request, so the
     server never applies it.
 
-Every proxied request records the upstream's answer in ``request.upstream_status``.
+Every proxied request records the upstream's answer in ``request.upstream_status``
+and ``request.upstream_body``.
 
 ``outage(seconds)`` makes the server disappear, as a restarting server does:
 for ``seconds`` nothing listens on its port (connections are refused) and
@@ -80,6 +81,7 @@ class Request(object):
         self.connection = connection      # number of the TCP connection it came on
         self.time = time.time()
         self.upstream_status = None       # the upstream's answer, when it was proxied
+        self.upstream_body = None
 
     def json(self):
         return json.loads(self.body.decode("utf-8"))
@@ -332,7 +334,7 @@ class FaultServer(object):
             resp = conn.getresponse()
             body = resp.read()
             out = dict((k, v) for k, v in resp.getheaders() if k.lower() not in _HOP_BY_HOP)
-            request.upstream_status = resp.status
+            request.upstream_status, request.upstream_body = resp.status, body
             return resp.status, out, body
         finally:
             conn.close()

@@ -5,6 +5,7 @@ answers 202 Accepted for chosen lock writes (what a cluster node says when the
 write reached fewer copies than the quorum), and conflicting revisions are
 planted with ``_bulk_docs`` and ``new_edits=false``, as a split leaves them.
 """
+import json
 import time
 
 import picas
@@ -12,14 +13,40 @@ from faultserver import FaultServer
 from helpers import ensure_views, make_tokens, states
 
 
+def lock_ids(request):
+    """Ids of the tokens a request writes a lock for: a lone PUT, or inside a _bulk_docs POST."""
+    if request.method == "PUT":
+        docs = [request.json()] if request.body.startswith(b"{") else []
+    elif request.method == "POST" and request.path.split("?")[0].endswith("/_bulk_docs"):
+        docs = request.json()["docs"]
+    else:
+        return []
+    return [d["_id"] for d in docs if d.get("pilot_id") and d.get("lock") and not d.get("done")]
+
+
+def writes_to(requests, token_id):
+    """Requests that wrote to ``token_id``."""
+    out = []
+    for r in requests:
+        if r.method == "PUT" and r.path.split("?")[0].endswith("/" + token_id):
+            out.append(r)
+        elif r.method == "POST" and "_bulk_docs" in r.path and \
+                token_id in [d.get("_id") for d in r.json()["docs"]]:
+            out.append(r)
+    return out
+
+
 def accept_lock_writes_of(token_ids, seen):
-    """A FaultServer action: forward every request; answer 202 to lock PUTs of ``token_ids``."""
+    """A FaultServer action: forward every request; answer 202 to lock writes of ``token_ids``.
+
+    That is what a cluster node answers when the write reached fewer copies
+    than its quorum; for _bulk_docs, when any of its writes did.
+    """
     def action(fault, request):
         status, headers, body = fault.forward(request)
-        doc_id = request.path.split("?")[0].rsplit("/", 1)[-1]
-        if request.method == "PUT" and doc_id in token_ids and status == 201 \
-                and b'"pilot_id"' in request.body:
-            seen.append(doc_id)
+        hit = [i for i in lock_ids(request) if i in token_ids]
+        if hit and status == 201:
+            seen.extend(hit)
             return ("raw", 202, body, dict(headers, **{"Content-Type": "application/json"}))
         return ("raw", status, body, headers)
     return action
@@ -33,7 +60,7 @@ def test_a_lock_answered_202_is_not_a_claim(couch, db):
         proxy_db = picas.Server(proxy.url, couch.username, couch.password).database(db.name)
         it = picas.TaskViewIterator(proxy_db, "todo")
         claimed = sorted(t["_id"] for t in it)
-        puts_to_t2 = [r for r in proxy.requests if r.method == "PUT" and "/t-2" in r.path]
+        puts_to_t2 = writes_to(proxy.requests, "t-2")
     assert seen == ["t-2"]
     assert claimed == ["t-1", "t-3"]                  # t-2 was never handed out
     assert it.stats.accepted == 1 and it.stats.claims == 2
@@ -43,18 +70,34 @@ def test_a_lock_answered_202_is_not_a_claim(couch, db):
 
 
 def test_a_pilot_never_runs_a_token_it_got_202_for(couch, db, tmp_path):
+    # Whether the lock goes alone or with the previous token's result (one
+    # _bulk_docs request), a 202 is not a claim; the result in it is kept.
     ensure_views(db)
-    make_tokens(db, ["a", "b"])
-    seen = []
-    log = tmp_path / "ran"
-    with FaultServer(upstream=couch.url, default=accept_lock_writes_of({"t-1"}, seen)) as proxy:
-        proxy_db = picas.Server(proxy.url, couch.username, couch.password).database(db.name)
-        actor = picas.CommandActor(proxy_db, ["sh", "-c", 'echo "$2" >> %s' % log, "sh"],
-                                   heartbeat=0)
-        actor.run()
-    assert seen == ["t-1"]
-    assert log.read_text().split() == ["t-2"]
-    assert states(db) == {"t-1": "locked", "t-2": "done"}
+    make_tokens(db, ["a", "b", "c", "d", "e"])
+    for victim in ("t-1", "t-4"):
+        seen = []
+        log = tmp_path / ("ran-" + victim)
+        with FaultServer(upstream=couch.url,
+                         default=accept_lock_writes_of({victim}, seen)) as proxy:
+            proxy_db = picas.Server(proxy.url, couch.username, couch.password).database(db.name)
+            actor = picas.CommandActor(proxy_db, ["sh", "-c", 'echo "$2" >> %s' % log, "sh"],
+                                       heartbeat=0)
+            actor.run()
+            to_victim = writes_to(proxy.requests, victim)
+            bulk_locks = [r for r in proxy.requests if "_bulk_docs" in r.path and lock_ids(r)]
+        assert seen == [victim]
+        assert len(to_victim) == 1                    # never written to after the 202
+        ran = log.read_text().split()
+        assert victim not in ran and len(ran) == len(set(ran))
+        assert bulk_locks                             # claims rode on result writes
+        assert states(db)[victim] == "locked"
+        # Everything else ran once and was saved, the result next to the 202'd lock too.
+        assert all(states(db)[t] == "done" for t in ran)
+        for doc_id, state in states(db).items():       # fresh tokens for the next round
+            if doc_id != victim:
+                doc = db.get(doc_id)
+                db.save(picas.scrub_token(doc))
+    assert set(states(db).values()) == {"todo", "locked"}
 
 
 def plant_split(db, token_id, leaves):
@@ -141,3 +184,92 @@ def test_two_claims_never_write_identical_revisions(couch, db):
     assert len(bodies) == 2 and bodies[0]["_rev"] == bodies[1]["_rev"]
     assert bodies[0]["claim_id"] != bodies[1]["claim_id"]
     assert db.get("t-1")["claim_id"] == a["claim_id"]
+
+
+def plant_rival_leaf(db, doc_id, based_on_rev):
+    """A rival pilot's lock on the same revision, as a leaf next to ours (a cluster split)."""
+    base = db.get(doc_id, rev=based_on_rev)
+    number, rev_hash = based_on_rev.split("-", 1)
+    # The lowest hash: the rival's revision loses CouchDB's choice of the
+    # winner, so a plain read shows ours; only the list of leaves tells.
+    leaf = dict(base, lock=int(time.time()), pilot_id="rival", claim_id="rival-claim",
+                _rev="%d-0000" % (int(number) + 1))
+    leaf["_revisions"] = {"start": int(number) + 1, "ids": ["0000", rev_hash]}
+    db.update([leaf], new_edits=False)
+
+
+def lose_answer_and_split(db, kinds):
+    """A FaultServer action: the first write with a lock of a token is applied, a rival
+    leaf is planted next to it, and the answer is lost (the 201 or 202 nobody heard)."""
+    done = []
+
+    def action(fault, request):
+        ids = lock_ids(request)
+        if ids and not done and request.method in kinds:
+            locks = [d for d in ([request.json()] if request.method == "PUT"
+                                 else request.json()["docs"]) if d["_id"] in ids]
+            fault.forward(request)
+            for lock in locks:
+                plant_rival_leaf(db, lock["_id"], lock["_rev"])
+            done.extend(ids)
+            return ("drop",)
+        return ("proxy",)
+    return action, done
+
+
+def test_a_lock_whose_answer_was_lost_next_to_a_rival_leaf_is_not_a_claim(couch, db):
+    ensure_views(db)
+    make_tokens(db, ["a"])
+    action, split = lose_answer_and_split(db, ("PUT",))
+    with FaultServer(upstream=couch.url, default=action) as proxy:
+        proxy_db = picas.Server(proxy.url, couch.username, couch.password).database(db.name)
+        it = picas.TaskViewIterator(proxy_db, "todo")
+        claimed = [t["_id"] for t in it]
+        puts = [r for r in proxy.requests if r.method == "PUT"]
+    assert split == ["t-1"] and claimed == []
+    assert it.stats.claims == 0 and it.stats.accepted == 1
+    assert len(puts) == 2                      # the lost one and its retry; nothing after
+    leaves = db.live_leaves("t-1")
+    assert sorted(l["pilot_id"] for l in leaves) == ["rival", it.pilot_id]
+
+
+def test_a_lock_sent_with_a_result_whose_answer_was_lost_next_to_a_rival_is_not_run(
+        couch, db, tmp_path):
+    ensure_views(db)
+    make_tokens(db, ["a", "b"])
+    log = tmp_path / "ran"
+    action, split = lose_answer_and_split(db, ("POST",))
+    with FaultServer(upstream=couch.url, default=action) as proxy:
+        proxy_db = picas.Server(proxy.url, couch.username, couch.password).database(db.name)
+        actor = picas.CommandActor(proxy_db, ["sh", "-c", 'echo "$2" >> %s' % log, "sh"],
+                                   heartbeat=0)
+        actor.run()
+    first = log.read_text().split()
+    assert len(split) == 1 and first == [t for t in ("t-1", "t-2") if t not in split]
+    assert states(db)[first[0]] == "done"      # the result in that request was kept
+    assert sorted(l["pilot_id"] for l in db.live_leaves(split[0])) == ["rival", actor.pilot_id]
+
+
+def test_a_pilot_writes_its_result_on_the_revision_of_its_own_201(couch, db, tmp_path):
+    ensure_views(db)
+    make_tokens(db, ["a", "b", "c"])
+    with FaultServer(upstream=couch.url) as proxy:
+        proxy_db = picas.Server(proxy.url, couch.username, couch.password).database(db.name)
+        picas.CommandActor(proxy_db, ["true"], heartbeat=0).run()
+        requests = list(proxy.requests)
+    granted = {}                     # token -> the revision the 201 to its lock write gave
+    for r in requests:
+        if not lock_ids(r) or r.upstream_status != 201:
+            continue
+        answer = json.loads(r.upstream_body.decode("utf-8"))
+        for result in (answer if isinstance(answer, list) else [answer]):
+            if result.get("id") in lock_ids(r):
+                granted[result["id"]] = result["rev"]
+    assert sorted(granted) == ["t-1", "t-2", "t-3"]
+    for r in requests:
+        docs = [r.json()] if r.method == "PUT" and r.body.startswith(b"{") else (
+            r.json()["docs"] if "_bulk_docs" in r.path else [])
+        for doc in docs:
+            if doc.get("done"):
+                assert doc["_rev"] == granted[doc["_id"]], doc["_id"]
+    assert set(states(db).values()) == {"done"}
