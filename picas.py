@@ -1273,8 +1273,10 @@ class Document(dict):
         if "data" in info:
             info["data"] = base64.b64decode(info["data"])
         elif retrieve_from_database is not None:
-            db = getattr(retrieve_from_database, "db", retrieve_from_database)
-            info["data"] = db.get_attachment(self, name)
+            db = _database(getattr(retrieve_from_database, "db", retrieve_from_database))
+            # Database's own method: bytes, even on the python-couchdb-style
+            # database of CouchDB.db, whose get_attachment gives a file object.
+            info["data"] = Database.get_attachment(db, self, name)
         return info
 
     def remove_attachment(self, name):
@@ -2333,8 +2335,13 @@ class RunActor(object):
         ``scrub_count + 1``.
         """
         if stop_function is None and "maxtime" in stop_function_args:
-            maxtime = stop_function_args.pop("maxtime")      # the old API's run(maxtime)
+            maxtime = stop_function_args.pop("maxtime")      # the old API's run(maxtime=...)
             max_total_time = maxtime if maxtime and maxtime > 0 else max_total_time
+        elif self._old_api() and max_token_time is not None and max_total_time is None:
+            # The old API's run(maxtime) with its one argument given by position:
+            # the pilot's total time (-1: no limit), not a limit per token.
+            maxtime, max_token_time = max_token_time, None
+            max_total_time = maxtime if maxtime > 0 else None
         _ensure_log_output()
         self._defaults()
         self._start = time.time()
@@ -2445,7 +2452,9 @@ class RunActor(object):
                 signal.setitimer(signal.ITIMER_REAL, timer)
             self.prepare_run()
             if self._old_api():
-                self.process_token(getattr(task, "view_key", task["_id"]), task)
+                # The old loop: for key, ref, token in iterator: process_token(ref, token)
+                ref = getattr(task, "view_value", None)
+                self.process_token(task["_id"] if ref is None else ref, task)
             else:
                 self.process_task(task)
             self._phase = "saving"
@@ -3651,6 +3660,9 @@ def cmd_views(args, db):
     if args.create_db and not db.exists():
         db.server.create_database(db.name, n=1 if args.single_copy else None)
         log.info("created database %s", db.name)
+    elif args.single_copy:
+        log.warning("--single-copy applies only when --create-db creates the database; %s "
+                    "exists and keeps its number of copies", db.name)
     _require_db(db)
     if args.filter is not None:
         _check_filter(args.filter)
@@ -3753,15 +3765,21 @@ def cmd_status(args, db):
     try:
         while True:
             counts = count_states(db, args.design_doc)
+            conflicted = conflicted_tokens(db)
             if args.json:
                 print(json.dumps(counts, sort_keys=True), flush=True)
+                if conflicted:
+                    log.warning("%d tokens have conflicting revisions (a CouchDB cluster "
+                                "split): `reset locked --stale` repairs them", len(conflicted))
             else:
                 total = sum(counts.values())
                 line = "todo %(todo)d  locked %(locked)d  done %(done)d  error %(error)d" % counts
                 line += "  (%d tokens)" % total
-                conflicted = conflicted_tokens(db)
                 if conflicted:
                     line += "  CONFLICTED %d (reset locked --stale repairs them)" % len(conflicted)
+                elif conflicted is None and first is None:
+                    log.info("conflicting revisions not checked: the database has no "
+                             "_design/%s view (python picas.py views adds it)", CONFLICTS_DESIGN)
                 now = time.time()
                 finished = counts["done"] + counts["error"]
                 if args.watch:

@@ -16,8 +16,9 @@ site-packages. Measured, for picas.py and for upstream:
    ``--repeat`` runs, without the counting proxy; then one run through it) and
    HTTP requests per token;
 2. 1, 4 and 16 concurrent pilot processes over ``--conc-tokens`` tokens,
-   through the proxy: aggregate tokens/s, 409 answers per claim, how often
-   each token ran (the task appends its token id to a file);
+   through the proxy: aggregate tokens/s, conflicts per claim (409 answers,
+   and per-document conflicts in ``_bulk_docs`` answers), how often each
+   token ran (the task appends its token id to a file);
 3. start-up: ``python picas.py --version`` and the import cost of ``picas``
    beyond a bare interpreter (medians of interleaved runs), ``-X importtime``;
 4. memory: peak RSS (VmHWM) of an idle endless pilot and of a busy pilot;
@@ -310,7 +311,7 @@ class CountingProxy(object):
                 match = self._REQUEST.match(data)
                 if match:
                     record = [time.time(), match.group(1).decode("ascii"),
-                              match.group(2).decode("latin-1"), None]
+                              match.group(2).decode("latin-1"), None, 0]
                     pending.append(record)
                     with self._lock:
                         self.records.append(record)
@@ -321,16 +322,22 @@ class CountingProxy(object):
             self._finish(client, server, state)
 
     def _pump_responses(self, client, server, pending, state):
+        current = None
         try:
             while True:
                 data = server.recv(262144)
                 if not data:
                     break
                 if data.startswith(b"HTTP/1.") and pending:
+                    current = pending.popleft()
                     try:
-                        pending.popleft()[3] = int(data[9:12])
+                        current[3] = int(data[9:12])
                     except ValueError:
                         pass
+                if current is not None and "_bulk_docs" in current[2]:
+                    # A conflict inside a _bulk_docs answer is a lost compare-and-set
+                    # too, reported per document instead of as a 409.
+                    current[4] += data.count(b'"error":"conflict"')
                 client.sendall(data)
         except OSError:
             pass
@@ -354,6 +361,8 @@ def classify(method, path):
         return "doc GET"
     if method == "HEAD" and len(parts) == 1:
         return "db HEAD"
+    if method == "POST" and parts[-1] == "_bulk_docs":
+        return "bulk write (result + next lock)"
     return "%s other" % method
 
 
@@ -362,7 +371,8 @@ def summarize_requests(records, tokens):
     statuses = collections.Counter(r[3] for r in records)
     return {"requests": len(records),
             "per_token": round(len(records) / float(tokens), 3) if tokens else None,
-            "by_kind": dict(kinds), "conflicts_409": statuses.get(409, 0),
+            "by_kind": dict(kinds),
+            "conflicts_409": statuses.get(409, 0) + sum(r[4] for r in records if len(r) > 4),
             "by_status": dict((str(k), v) for k, v in statuses.items())}
 
 
@@ -682,17 +692,19 @@ class Bench(object):
         picas.py's ``run`` writes them), and one view read of 16 rows per 16 tokens.
         Each is run ``repeat`` times, interleaved; the median counts.
         """
-        variants = (("bare", False, 1), ("with_logs", True, 1), ("window16", False, 16))
-        walls = dict((name, []) for name, _, _ in variants)
+        variants = (("bare", False, 1, False), ("with_logs", True, 1, False),
+                    ("window16", False, 16, False), ("bulk16", True, 16, True))
+        walls = dict((variant[0], []) for variant in variants)
         # Warm the server up first (node compiles its hot paths on first use).
         self._claim_cycle(min(count, 200), True, 1)
         self._claim_cycle(min(count, 200), False, 16)
+        self._claim_cycle(min(count, 200), True, 16, bulk=True)
         for round_ in range(repeat):
             shift = round_ % len(variants)          # a different order every round
-            for variant, attach, window in variants[shift:] + variants[:shift]:
-                walls[variant].append(self._claim_cycle(count, attach, window))
+            for variant, attach, window, bulk in variants[shift:] + variants[:shift]:
+                walls[variant].append(self._claim_cycle(count, attach, window, bulk))
         out = {}
-        for variant, _, _ in variants:
+        for variant in (v[0] for v in variants):
             wall = statistics.median(walls[variant])
             out[variant] = {"tokens": count, "wall": round(wall, 3),
                             "tokens_per_s": round(count / wall, 1),
@@ -709,7 +721,9 @@ class Bench(object):
         out["spawn_true_ms"] = round(statistics.median(times) * 1000, 2)
         self.results["ceiling"] = out
 
-    def _claim_cycle(self, count, attach, window):
+    def _claim_cycle(self, count, attach, window, bulk=False):
+        """One run of the bare claim cycle; ``bulk``: picas.py's protocol, each result
+        written together with the next lock in one ``_bulk_docs`` POST."""
         db = self._db("ceiling")
         self.couch.prepare(db, count)
         conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
@@ -724,9 +738,34 @@ class Bench(object):
                 raise RuntimeError("ceiling: %s %s: %d %s" % (method, path, resp.status, data))
             return json.loads(data.decode("utf-8"))
 
+        def finish(doc):
+            doc.update(done=int(time.time()), exit_code=0)
+            if attach:
+                doc["_attachments"] = dict(
+                    ("logs_%s.%s" % (doc["_id"], ext),
+                     {"content_type": "text/plain", "data": ""}) for ext in ("out", "err"))
+            return doc
+
         done = 0
         start = time.perf_counter()
-        while True:
+        while bulk:
+            rows = call("GET", view)["rows"]
+            if not rows:
+                break
+            docs = [row["doc"] for row in rows]
+            for doc in docs:
+                doc.update(lock=int(time.time()), hostname="bench", pilot_id="bench")
+            first = docs[0]
+            first["_rev"] = call("PUT", "/%s/%s" % (db, first["_id"]),
+                                 json.dumps(first).encode())["rev"]
+            for previous, doc in zip(docs, docs[1:]):
+                answer = call("POST", "/%s/_bulk_docs" % db, json.dumps(
+                    {"docs": [finish(previous), doc]}).encode())
+                doc["_rev"] = answer[1]["rev"]
+                done += 1
+            call("PUT", "/%s/%s" % (db, docs[-1]["_id"]), json.dumps(finish(docs[-1])).encode())
+            done += 1
+        while not bulk:
             rows = call("GET", view)["rows"]
             if not rows:
                 break
@@ -735,12 +774,7 @@ class Bench(object):
                 doc.update(lock=int(time.time()), hostname="bench", pilot_id="bench")
                 path = "/%s/%s" % (db, doc["_id"])
                 doc["_rev"] = call("PUT", path, json.dumps(doc).encode())["rev"]
-                doc.update(done=int(time.time()), exit_code=0)
-                if attach:
-                    doc["_attachments"] = dict(
-                        ("logs_%s.%s" % (doc["_id"], ext),
-                         {"content_type": "text/plain", "data": ""}) for ext in ("out", "err"))
-                call("PUT", path, json.dumps(doc).encode())
+                call("PUT", path, json.dumps(finish(doc)).encode())
                 done += 1
         wall = time.perf_counter() - start
         conn.close()
@@ -833,8 +867,8 @@ class Bench(object):
                 records = proxy.snapshot()
                 requests = summarize_requests(records, count)
                 first = min(r[0] for r in records) if records else 0
-                early = sum(1 for r in records
-                            if r[3] == 409 and r[0] - first < 0.1 * run["wall"])
+                early = sum((r[3] == 409) + r[4] for r in records
+                            if r[0] - first < 0.1 * run["wall"])
                 executions = sum(runs.values())
                 # picas.py exits 3 when it found no work; anything else is a failure.
                 failed = [c for c in run["exit_codes"] if c not in (0, 3)]
@@ -1239,8 +1273,8 @@ def report(results, have_upstream, upstream_note):
                 ukinds.get(kind, 0) / float(n) if u else None, "%.3f", ratio=False)
         row("  pilot CPU ms per token (user+sys, with its tasks)", p["direct"]["cpu_ms_per_token"],
             _get(u, "direct", "cpu_ms_per_token"), "%.2f")
-        row("  409 answers", p["proxied"]["conflicts_409"], _get(u, "proxied", "conflicts_409"),
-            "%d", ratio=False)
+        row("  conflicts (409s, and conflicts inside _bulk_docs)", p["proxied"]["conflicts_409"],
+            _get(u, "proxied", "conflicts_409"), "%d", ratio=False)
         row("  peak RSS of the busy pilot (MB)", mb(p["direct"]["peak_rss_kb"]),
             mb(_get(u, "direct", "peak_rss_kb")))
         row("  picas.py's watchdog helper process RSS (MB)", mb(p["direct"].get("helper_rss_kb")),
@@ -1255,6 +1289,9 @@ def report(results, have_upstream, upstream_note):
             ceiling["with_logs"]["tokens_per_s"], None, ratio=False)
         row("    one view read (limit=16) per 16 tokens, 2 PUTs each",
             ceiling["window16"]["tokens_per_s"], None, ratio=False)
+        if "bulk16" in ceiling:
+            row("    picas.py's protocol: view per 16, result + next lock in one POST",
+                ceiling["bulk16"]["tokens_per_s"], None, ratio=False)
         if single:
             row("  one pilot as a fraction of the ceiling",
                 100.0 * single["picas.py"]["direct"]["tokens_per_s"] / c,
@@ -1268,8 +1305,8 @@ def report(results, have_upstream, upstream_note):
         lines.append("(2) %s concurrent pilot%s, %d tokens (through the proxy)"
                      % (pilots, "s" if pilots != "1" else "", p["tokens"]))
         row("  aggregate tokens/s", p["tokens_per_s"], u.get("tokens_per_s"))
-        row("  409 answers per claim", p["conflicts_per_claim"], u.get("conflicts_per_claim"),
-            "%.3f", ratio=False)
+        row("  conflicts per claim (409 or in _bulk_docs)", p["conflicts_per_claim"],
+            u.get("conflicts_per_claim"), "%.3f", ratio=False)
         row("  HTTP requests per token", p["requests_per_token"], u.get("requests_per_token"),
             "%.2f")
         row("  max executions of one token", p["max_executions"], u.get("max_executions"),

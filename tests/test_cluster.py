@@ -131,6 +131,10 @@ def test_status_reports_conflicted_tokens_and_stale_reset_repairs_them(couch, db
     capsys.readouterr()
     assert picas.main(["status"]) == 0
     assert "CONFLICTED 1" in capsys.readouterr().out
+    assert picas.main(["status", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert sorted(json.loads(out)) == ["done", "error", "locked", "todo"]
+    assert "1 tokens have conflicting revisions" in err
     assert picas.main(["reset", "locked", "--stale", "--yes"]) == 0
     out = capsys.readouterr().out
     assert "reset 1 stale tokens" in out and "removed 2 conflicting revisions" in out
@@ -273,3 +277,12 @@ def test_a_pilot_writes_its_result_on_the_revision_of_its_own_201(couch, db, tmp
             if doc.get("done"):
                 assert doc["_rev"] == granted[doc["_id"]], doc["_id"]
     assert set(states(db).values()) == {"done"}
+
+
+def test_status_says_when_it_cannot_check_for_conflicts(couch, db, monkeypatch, capsys):
+    ensure_views(db)                       # Monitor only, as upstream's create_views makes it
+    for name, value in (("PICAS_HOST_URL", couch.url), ("PICAS_DATABASE", db.name),
+                        ("PICAS_USERNAME", couch.username), ("PICAS_PASSWORD", couch.password)):
+        monkeypatch.setenv(name, value)
+    assert picas.main(["status"]) == 0
+    assert "conflicting revisions not checked" in capsys.readouterr().err

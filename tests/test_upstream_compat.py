@@ -57,6 +57,7 @@ def test_current_api_names_resolve():
 def test_submodule_names_resolve_when_picas_runs_as_a_script(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from picas.clients import CouchDB\nfrom picas.actors import RunActor\n"
+                     "import picas\nassert picas.CouchDB is CouchDB\n"
                      "print(CouchDB.__module__, RunActor.__name__)\n")
     code = ("import runpy, sys; sys.argv = ['picas.py', '--version'];\n"
             "try:\n    runpy.run_path(%r, run_name='__main__')\nexcept SystemExit:\n    pass\n"
@@ -254,3 +255,96 @@ def test_couchdb_wrapper_errors_like_upstream(couch, db):
         client.save(stale)
     assert client.get("a")["x"] == 1 and client["a"]["_rev"] == doc.rev
     assert repr(client).find(couch.password) == -1
+
+
+def test_couchdb_client_methods_as_upstream_scripts_use_them(couch, db, tmp_path):
+    ensure_views(db)
+    make_tokens(db, ["a", "b", "c"], prefix="token")
+    fresh = db.name + "-created"
+    out, err = run_script(couch, db, tmp_path, """
+        from picas.clients import CouchDB
+        from picas.documents import Task
+        client = CouchDB(url=PICAS_HOST_URL, db=PICAS_DATABASE, username=PICAS_USERNAME,
+                         password=PICAS_PASSWORD, ssl_verification=False)
+        other = client.copy()
+        assert other.get("token-1")["input"] == "a"
+        token = client.get_single_from_view("todo", window_size=3)
+        assert token["_id"] in ("token-1", "token-2", "token-3")
+        for key, value in token.doc.items():         # upstream's examples loop like this
+            assert token[key] == value
+        token.put_attachment("note.txt", "hello")
+        client.save(token)
+        again = client.get(token["_id"])
+        info = again.get_attachment("note.txt", retrieve_from_database=client)
+        assert info["data"] == b"hello", info
+        client.delete(client.get("token-3") if token["_id"] != "token-3" else client.get("token-2"))
+        left = [d["_id"] for d in client.get_from_view("todo")]
+        assert client.delete_documents([client.get(i) for i in left[:1]]) == [True]
+        client.set_users(admins=["boss"], members=["worker"], member_roles=["pilots"])
+        created = CouchDB(url=PICAS_HOST_URL, db=%r, username=PICAS_USERNAME,
+                          password=PICAS_PASSWORD, create=True)
+        assert created.doc_count() == 0
+        print("remaining", sorted(d["_id"] for d in client.get_from_view("todo")))
+        """ % fresh)
+    remaining = [doc_id for doc_id in ("token-1", "token-2", "token-3") if db.get(doc_id)]
+    assert len(remaining) == 1 and "remaining %r" % remaining in out
+    security = db.request("GET", "/_security")[2]
+    assert security["admins"]["names"] == ["boss"]
+    assert security["members"] == {"names": ["worker"], "roles": ["pilots"]}
+    assert couch.server().database(fresh).exists()
+    couch.server().delete_database(fresh)
+
+
+def test_old_couchclient_helpers(couch, db, tmp_path):
+    ensure_views(db)
+    make_tokens(db, ["a", "b"], prefix="token")
+    run_script(couch, db, tmp_path, """
+        from picas.clients import CouchClient
+        client = CouchClient(url=PICAS_HOST_URL, db=PICAS_DATABASE, username=PICAS_USERNAME,
+                             password=PICAS_PASSWORD)
+        rows = client.get_all("Monitor/todo")
+        assert sorted(r["id"] for r in rows) == ["token-1", "token-2"]
+        token = client.db["token-1"]
+        token["note"] = "changed"
+        client.modify_token(token)
+        docs = [client.db["token-2"]]
+        docs[0]["note"] = "bulk"
+        assert [ok for ok, _, _ in client.update_all(docs)] == [True]
+        """)
+    assert db.get("token-1")["note"] == "changed" and db.get("token-2")["note"] == "bulk"
+
+
+def test_old_api_process_token_gets_the_rows_value_and_run_maxtime_by_position(
+        couch, db, tmp_path):
+    ensure_views(db)
+    db.ensure_design("Custom", {"todo": {"map": 'function(doc) { if (doc.type == "token" && '
+                                                'doc.lock == 0 && doc.done == 0) '
+                                                'emit(doc.input, "ref-" + doc._id); }'}})
+    make_tokens(db, ["a", "b"], prefix="token")
+    out, err = run_script(couch, db, tmp_path, """
+        import time
+        from picas.actors import RunActor
+        from picas.clients import CouchClient
+        from picas.iterators import BasicViewIterator
+        from picas.modifiers import BasicTokenModifier
+
+        class Actor(RunActor):
+            def __init__(self, iterator, modifier):
+                self.iterator, self.modifier, self.client = iterator, modifier, iterator.client
+            def process_token(self, ref, token):
+                print("ref", ref)
+                time.sleep(1.5)
+                token = self.modifier.close(token)
+                token["exit_code"] = 0
+                self.client.db[token["_id"]] = token
+
+        client = CouchClient(url=PICAS_HOST_URL, db=PICAS_DATABASE, username=PICAS_USERNAME,
+                             password=PICAS_PASSWORD)
+        modifier = BasicTokenModifier()
+        Actor(BasicViewIterator(client, "Custom/todo", modifier), modifier).run(1)
+        """)
+    refs = [line.split()[1] for line in out.splitlines() if line.startswith("ref ")]
+    # run(1): one second for the whole pilot, so one token, not killed after 1 s.
+    assert len(refs) == 1 and refs[0] in ("ref-token-1", "ref-token-2"), out
+    ran = refs[0][len("ref-"):]
+    assert states(db)[ran] == "done"
