@@ -1290,7 +1290,7 @@ def report(results, have_upstream, upstream_note):
         row("    one view read (limit=16) per 16 tokens, 2 PUTs each",
             ceiling["window16"]["tokens_per_s"], None, ratio=False)
         if "bulk16" in ceiling:
-            row("    picas.py's protocol: view per 16, result + next lock in one POST",
+            row("    view per 16, result + next lock in one POST (picas.py)",
                 ceiling["bulk16"]["tokens_per_s"], None, ratio=False)
         if single:
             row("  one pilot as a fraction of the ceiling",

@@ -161,12 +161,13 @@ def test_retry_delays_grow_exponentially_with_jitter_up_to_the_cap(fault, monkey
     monkeypatch.setattr(picas, "RETRY_MAX_DELAY", 3.0)
     slept, bounds = [], []
     monkeypatch.setattr(picas.time, "sleep", slept.append)
-    real_uniform = picas.random.uniform
+    import random
+    real_uniform = random.uniform
 
     def uniform(a, b):
         bounds.append((a, b))
         return real_uniform(a, b)
-    monkeypatch.setattr(picas.random, "uniform", uniform)
+    monkeypatch.setattr(random, "uniform", uniform)
     fs = fault([("status", 503)] * 6 + [("json", 200, {"version": "fault"})])
     assert client(fs, retries=6).info() == {"version": "fault"}
     assert bounds == [(0.25, 0.5), (0.5, 1.0), (1.0, 2.0), (1.5, 3.0), (1.5, 3.0), (1.5, 3.0)]
