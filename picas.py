@@ -1943,6 +1943,21 @@ for group in groups:
         os.killpg(group, signal.SIGKILL)
     except OSError:
         pass
+# Tasks carry PICAS_WATCHDOG=<this pilot's mark> in their environment: also
+# the one started in the instant before it was registered, and descendants
+# that left its process group.
+mark = ("PICAS_WATCHDOG=" + sys.argv[1]).encode()
+try:
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+except OSError:
+    pids = []
+for pid in pids:
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as fh:
+            if mark in fh.read().split(b"\\0"):
+                os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 """
 
 
@@ -1951,17 +1966,22 @@ class _Watchdog(object):
 
     The pilot tells it, over a pipe, which process groups are running. When
     the pipe closes -- the pilot exited, or was killed with SIGKILL, which no
-    handler can catch -- it kills every group still registered. So no task
-    outlives its pilot, grandchildren included.
+    handler can catch -- it kills every group still registered, and every
+    process whose environment holds this pilot's ``PICAS_WATCHDOG`` mark
+    (a task started in the instant before it was registered, or a
+    grandchild that left the task's process group). So no task outlives its
+    pilot, grandchildren included.
     """
 
     _instance = None
     _pid = None
+    mark = None         # PICAS_WATCHDOG in the environment of this pilot's tasks
 
     @classmethod
     def get(cls):
         if cls._instance is None or cls._pid != os.getpid():
             cls._instance, cls._pid = None, os.getpid()
+            cls.mark = new_id()
             import subprocess
             if sys.executable and hasattr(os, "killpg"):
                 try:
@@ -1969,7 +1989,7 @@ class _Watchdog(object):
                     env = dict((k, v) for k, v in os.environ.items()
                                if k in ("PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE"))
                     cls._instance = subprocess.Popen(
-                        [sys.executable, "-I", "-S", "-c", _WATCHDOG_CODE],
+                        [sys.executable, "-I", "-S", "-c", _WATCHDOG_CODE, cls.mark],
                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL, close_fds=True, env=env,
                         # Its own session: a batch system killing the pilot's
@@ -2072,6 +2092,11 @@ def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAUL
     """
     import subprocess
     _Watchdog.get()                       # started before the task, never in between
+    env = dict(os.environ if env is None else env)
+    if any(isinstance(key, bytes) for key in env):
+        env[b"PICAS_WATCHDOG"] = _Watchdog.mark.encode("ascii")
+    else:
+        env["PICAS_WATCHDOG"] = _Watchdog.mark
     # A stop signal or timeout during Popen() would leave a started task
     # unknown to us: the pilot's handlers hold their exception until we can
     # act on it (see RunActor._interrupt).

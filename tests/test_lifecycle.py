@@ -476,6 +476,22 @@ def test_pilot_whose_whole_process_group_is_sigkilled_leaves_no_task(couch, tdb,
     assert states(tdb) == {"t-1": "locked"}
 
 
+def test_sigkilled_pilot_takes_a_grandchild_that_left_the_process_group(couch, tdb, tmp_path):
+    make_tokens(tdb, ["a"])
+    pids = tmp_path / "pids"
+    script = tmp_path / "escape.sh"
+    script.write_text("#!/bin/sh\necho $$ >> %s\nsetsid sh -c 'echo $$ >> %s; exec sleep 300' &\n"
+                      "sleep 300\n" % (pids, pids))
+    script.chmod(0o755)
+    pilot = start_pilot(couch, tdb, ["run", "--", str(script)])
+    assert wait_for(lambda: len(read_pids(str(pids))) == 2, timeout=20)
+    task, escaped = read_pids(str(pids))
+    assert os.getpgid(escaped) != os.getpgid(task)        # out of the task's group
+    pilot.kill()
+    pilot.wait(10)
+    assert wait_for(lambda: not alive(task) and not alive(escaped), timeout=1.0)
+
+
 def test_run_exit_status_tells_no_work_from_work_done(couch, tdb):
     code, out, err = run_pilot(couch, tdb, ["run", "--", "true"])
     assert code == picas.EXIT_NO_WORK
