@@ -3971,14 +3971,48 @@ def cmd_delete(args, db):
         return EXIT_OK
     if not _confirm("delete %d tokens in %s?" % (len(docs), args.view), args.yes):
         return EXIT_OK
-
-    def tombstone(doc):
-        return {"_id": doc["_id"], "_rev": doc["_rev"], "_deleted": True}
-    changed, conflicts = bulk_apply(db, docs, tombstone)
+    changed, conflicts = bulk_apply(db, docs, _tombstone)
     print("deleted %d tokens%s" % (changed, ", %d changed meanwhile and were left alone"
                                    % conflicts if conflicts else ""))
     return EXIT_OK
 
 
+#: Runs picas.py as a module: ``python -c _AS_MODULE /path/to/picas.py ARGS...``.
+_AS_MODULE = ("import importlib.util as u, sys; s = u.spec_from_file_location('picas', "
+              "sys.argv[1]); m = u.module_from_spec(s); sys.modules['picas'] = m; "
+              "s.loader.exec_module(m); del sys.argv[0]; sys.exit(m.main())")
+
+
+def _pilot_as_module(argv):
+    """Start ``python picas.py run ...`` over as an import of this file, in the same process.
+
+    CPython keeps the syntax tree of the file it runs as a script until the
+    script ends -- about 7 MB for this one, for as long as a pilot runs --
+    while an imported module's tree is freed once it is compiled (and later
+    starts load the cached bytecode). So a pilot started as a script
+    re-executes itself (same process id, arguments, interpreter options) with
+    this file imported instead. PICAS_NO_REEXEC=1 switches that off (for
+    debuggers and profilers). Returns only when it did not happen.
+    """
+    if os.name != "posix" or not sys.executable or os.environ.get("PICAS_NO_REEXEC") or \
+            split_global_options(argv)[1][:1] != ["run"]:
+        return
+    flags = sys.flags
+    options = [option for option, on in (
+        ("-I", getattr(flags, "isolated", 0)), ("-E", flags.ignore_environment and
+                                                not getattr(flags, "isolated", 0)),
+        ("-S", flags.no_site), ("-s", flags.no_user_site and not getattr(flags, "isolated", 0)),
+        ("-B", flags.dont_write_bytecode), ("-O", flags.optimize == 1),
+        ("-OO", flags.optimize >= 2)) if on]
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable] + options +
+                 ["-c", _AS_MODULE, os.path.abspath(__file__)] + list(argv))
+    except OSError as exc:
+        log.debug("could not restart the pilot as a module (%s); going on as a script", exc)
+
+
 if __name__ == "__main__":
+    _pilot_as_module(sys.argv[1:])
     sys.exit(main())
