@@ -2198,8 +2198,9 @@ DEFAULT_HEARTBEAT = 300.0
 STOP_SIGNALS = tuple(getattr(signal, name) for name in
                      ("SIGTERM", "SIGINT", "SIGUSR1", "SIGXCPU") if hasattr(signal, name))
 #: Seconds a pilot keeps trying to save a result through a server outage
-#: before it writes the result to a local file instead.
+#: (a local copy is kept meanwhile), and the pause between its tries.
 RESULT_SAVE_PATIENCE = 3600.0
+RESULT_RETRY_PAUSE = (5.0, 15.0)
 
 
 class _Lease(object):
@@ -2614,7 +2615,7 @@ class RunActor(object):
                 if time.time() > deadline:
                     return False
                 log.warning("saving the result of %s failed (%s); trying again", task["_id"], exc)
-                time.sleep(random.uniform(5, 15))
+                time.sleep(random.uniform(*RESULT_RETRY_PAUSE))
             except PicasError as exc:
                 # Refused for good (403 from a validate_doc_update, 413 too large...).
                 _stash_result(task, "the server refused the result: %s" % exc)

@@ -1202,7 +1202,7 @@ def evaluate(results, have_upstream):
             p["max_executions"] == 1 and p["tokens_run_more_than_once"] == 0
             and p["tokens_never_run"] == 0)
         cpc = p["conflicts_per_claim"]
-        add("%s pilots: <= 0.3 conflicts (409) per claim" % pilots, _fmt(cpc, "%.3f"),
+        add("%s pilots: <= 0.3 conflicts per claim" % pilots, _fmt(cpc, "%.3f"),
             cpc is not None and cpc <= 0.3)
         if u:
             r = p["tokens_per_s"] / u["tokens_per_s"]

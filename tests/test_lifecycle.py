@@ -361,6 +361,34 @@ def test_stop_signal_after_user_code_saved_the_result_keeps_it(tdb):
     assert tdb.get(ran)["scrub_count"] == 0
 
 
+def test_a_result_is_kept_in_a_local_file_while_the_server_fails_then_saved(
+        couch, tdb, tmp_path, monkeypatch):
+    from faultserver import FaultServer
+    monkeypatch.chdir(str(tmp_path))
+    monkeypatch.setattr(picas, "RESULT_RETRY_PAUSE", (0.05, 0.1))
+    monkeypatch.setattr(picas, "RETRY_BASE_DELAY", 0.01)
+    make_tokens(tdb, ["a"])
+    stash = tmp_path / "picas-unsaved-t-1.json"
+    seen = {"failed": 0, "stash_while_failing": False}
+
+    def fail_results_three_times(fault, request):
+        body = request.json() if request.method == "PUT" and request.body[:1] == b"{" else {}
+        if body.get("done"):
+            if seen["failed"] < 3:
+                seen["failed"] += 1
+                seen["stash_while_failing"] |= stash.exists()
+                return ("status", 503)
+            seen["stash_at_success"] = stash.exists()
+        return ("proxy",)
+    with FaultServer(upstream=couch.url, default=fail_results_three_times) as proxy:
+        db = picas.Server(proxy.url, couch.username, couch.password, retries=1).database(tdb.name)
+        Recorder(db, heartbeat=0).run()
+    assert seen["failed"] == 3 and seen["stash_while_failing"] and seen["stash_at_success"]
+    assert not stash.exists()                  # removed once the result was saved
+    doc = tdb.get("t-1")
+    assert picas.token_state(doc) == "done" and doc["output"] == "result of a"
+
+
 def test_result_of_a_token_reset_meanwhile_is_kept_in_its_error_list(tdb):
     make_tokens(tdb, ["a"])
 
@@ -412,7 +440,7 @@ def _slow_script(tmp_path):
     return script, pids
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1", "SIGINT"])
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1", "SIGINT", "SIGXCPU"])
 def test_stop_signal_mid_task_gives_the_token_back(couch, tdb, tmp_path, signame):
     make_tokens(tdb, ["a", "b"])
     script, pids = _slow_script(tmp_path)
