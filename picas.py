@@ -1063,7 +1063,8 @@ def _same_content(stored, written):
 # A token is a CouchDB document with ``type: "token"``. Its state is defined
 # by the views of the design document ``Monitor`` (see STANDARD_VIEWS):
 #
-#                claim: PUT with the _rev seen in todo, answered 201
+#    claim: write with the _rev seen in todo, answered 201 (a PUT, or in one
+#    _bulk_docs request with the pilot's previous result)
 #       +------+ ------------------------------------> +--------+
 #       | todo |   lock = claim time, pilot_id, claim_id  | locked |  heartbeat = time,
 #       +------+ <------------------------------------ +--------+  refreshed while running
@@ -1486,7 +1487,9 @@ class _Claimer(object):
     is a claim: a CouchDB cluster answers 202 when a write reached fewer
     copies than its quorum, and then another pilot may hold the token. A 409
     means another pilot was faster: try another candidate after a short,
-    jittered pause. One view read serves several claims while it is fresh.
+    jittered pause. One view read serves several claims while it is fresh,
+    and a pilot's next lock usually travels with its last result in one
+    ``_bulk_docs`` request (:meth:`save_and_claim`): about one request per token.
     """
 
     #: Rows fetched per view read.
