@@ -652,7 +652,6 @@ class Database(object):
         self.server = server
         self.name = name
         self._path = "/" + quote(name, safe="")
-        self.recovered = set()      # see _bulk
 
     def __repr__(self):
         return "%s(%r, %r)" % (type(self).__name__, self.server.url, self.name)
@@ -780,12 +779,13 @@ class Database(object):
         return self._bulk(docs, **options)[1]
 
     def _bulk(self, docs, **options):
-        """:meth:`update`, also returning the HTTP status: ``(status, results)``.
+        """:meth:`update`, also returning ``(status, results, recovered)``.
 
-        A CouchDB cluster answers 202 instead of 201 when some write reached
-        fewer copies than its quorum (the per-document results do not say which).
-        Afterwards ``self.recovered`` holds the ids of writes that were found
-        landed by an earlier attempt whose answer was lost: their status is unknown.
+        ``status`` is the HTTP status: a CouchDB cluster answers 202 instead of
+        201 when some write reached fewer copies than its quorum (the
+        per-document results do not say which). ``recovered`` holds the ids of
+        writes found landed by an earlier attempt whose answer was lost: their
+        status is unknown.
         """
         docs = list(docs)
         for doc in docs:
@@ -801,7 +801,7 @@ class Database(object):
                                  "server accepts; write fewer documents at once" % len(docs))
             raise
         if options.get("new_edits", True) is False:
-            return status, results
+            return status, results, set()
         if not isinstance(results, list) or len(results) != len(docs):
             raise BadResponse("POST %s/_bulk_docs: %d documents sent, but the server answered "
                               "with %s results" % (self._path, len(docs), len(results)
@@ -815,13 +815,13 @@ class Database(object):
                 rows = self.all_docs(keys=ids, include_docs=True)["rows"]
                 landed = dict((row["id"], row["doc"]) for row in rows if row.get("doc"))
         out = []
-        self.recovered = set()      # ids whose write was found landed, its answer lost
+        recovered = set()
         for doc, result in zip(docs, results):
             stored = landed.get(doc["_id"])
             if "error" in result and stored is not None and _same_content(stored, doc):
                 log.debug("bulk write of %s: the repeated write had landed", doc["_id"])
                 result = {"id": doc["_id"], "rev": stored["_rev"]}
-                self.recovered.add(doc["_id"])
+                recovered.add(doc["_id"])
             if "error" in result:
                 status = {"conflict": 409, "forbidden": 403, "unauthorized": 401,
                           "not_found": 404}.get(result["error"], 400)
@@ -831,7 +831,7 @@ class Database(object):
             else:
                 doc["_rev"] = result["rev"]
                 out.append((True, doc["_id"], result["rev"]))
-        return status, out
+        return status, out, recovered
 
     def all_docs(self, **params):
         """Query ``_all_docs``; returns CouchDB's result dict (``rows``, ``total_rows``)."""
@@ -1557,10 +1557,10 @@ class _Claimer(object):
             return
         body = self._lock_body(candidate)
         self._uncertain = body              # until the answer tells what happened
-        status, results = self.db._bulk([doc, body])
+        status, results, recovered = self.db._bulk([doc, body])
         self._uncertain = None
         (saved, _, saved_or_error), (locked, _, lock_or_error) = results
-        if locked and body["_id"] in self.db.recovered:
+        if locked and body["_id"] in recovered:
             self._held = self._won_unheard(body)      # the status that counts was lost
         elif locked:
             self._held = self._locked(body, status)
@@ -1692,10 +1692,7 @@ class _Claimer(object):
         leaves = self.db.live_leaves(token["_id"])
         if len(leaves) == 1 and leaves[0].get("claim_id") == token["claim_id"]:
             token["_rev"] = leaves[0]["_rev"]
-            self.stats.claims += 1
-            row = self._rows.get(token["_id"]) or {}
-            token.view_key, token.view_value = row.get("key"), row.get("value")
-            return token
+            return self._locked(token, 201)       # as good as a 201: nobody else holds it
         if any(leaf.get("claim_id") == token["claim_id"] for leaf in leaves):
             self.stats.accepted += 1
             log.warning("token %s: this pilot's lock landed next to another revision (a "
@@ -2576,12 +2573,14 @@ class RunActor(object):
         once this token counts, and no user ``stop_function`` (which upstream
         calls after ``cleanup_run``) has to be asked first.
         """
+        if self._limits[3] is not None or self._old_api() or not self._may_claim(finishing=1):
+            return None
+        return self._ahead_claimer()
+
+    def _ahead_claimer(self):
+        """The iterator's claimer that can claim together with a result save, or None."""
         ahead = getattr(self.iterator, "_ahead", None)
-        if ahead is None or self._limits[3] is not None or self._old_api():
-            return None
-        if not self._may_claim(finishing=1):
-            return None
-        return ahead()
+        return ahead() if ahead is not None else None
 
     def _save_result(self, task, lease):
         """Save ``task`` on the lease's revision; never drop the result."""
@@ -2614,7 +2613,7 @@ class RunActor(object):
             except (ServerUnreachable, ServerError) as exc:
                 # Keep a local copy while trying: a batch system may kill the
                 # pilot (SIGKILL after its stop signal) before the server is back.
-                stash = _stash_result(task, "the server stayed unreachable: %s" % exc)
+                stash = stash or _stash_result(task, "the server stayed unreachable: %s" % exc)
                 if time.time() > deadline:
                     return False
                 log.warning("saving the result of %s failed (%s); trying again", task["_id"], exc)
@@ -2670,8 +2669,7 @@ class RunActor(object):
 
     def _give_back_held(self):
         """Give back a token that was claimed with the last result but will not run."""
-        ahead = getattr(self.iterator, "_ahead", None)
-        claimer = ahead() if ahead else None
+        claimer = self._ahead_claimer()
         try:
             held = claimer.give_back_held() if claimer is not None else None
         except PicasError as exc:
@@ -2683,11 +2681,13 @@ class RunActor(object):
 
     def _give_back(self, task, lease):
         """Put an interrupted token back to todo, if it is still this pilot's and unfinished."""
-        body = Task(dict(lease._base))
-        body["_rev"] = lease.rev
-        body["lock"], body["done"] = self.token_reset_values
-        for field in _CLAIM_FIELDS + _JOB_ID_FIELDS:
-            body.pop(field, None)
+        def unclaimed(doc):
+            body = Task(dict(doc))
+            body["lock"], body["done"] = self.token_reset_values
+            for field in _CLAIM_FIELDS + _JOB_ID_FIELDS:
+                body.pop(field, None)
+            return body
+        body = unclaimed(dict(lease._base, _rev=lease.rev))
         for _ in range(10):
             try:
                 self._db.save(body)
@@ -2699,10 +2699,7 @@ class RunActor(object):
                     # Taken or reset meanwhile, or finished: user code saved its
                     # result itself (old API). A finished token never goes back.
                     return
-                body = Task(dict(current))
-                body["lock"], body["done"] = self.token_reset_values
-                for field in _CLAIM_FIELDS + _JOB_ID_FIELDS:
-                    body.pop(field, None)
+                body = unclaimed(current)
             except PicasError as exc:
                 log.error("could not give token %s back (%s): it stays locked; "
                           "`picas.py reset locked --stale` will free it", task["_id"], exc)
@@ -2777,7 +2774,6 @@ def _reapply(task, claimed, current):
         merged["_attachments"] = attachments
     task.clear()
     task.update(merged)
-
 
 
 def _discard_stash(path):
@@ -4002,10 +3998,10 @@ def _pilot_as_module(argv):
             split_global_options(argv)[1][:1] != ["run"]:
         return
     flags = sys.flags
+    isolated = getattr(flags, "isolated", 0)            # -I implies -E and -s
     options = [option for option, on in (
-        ("-I", getattr(flags, "isolated", 0)), ("-E", flags.ignore_environment and
-                                                not getattr(flags, "isolated", 0)),
-        ("-S", flags.no_site), ("-s", flags.no_user_site and not getattr(flags, "isolated", 0)),
+        ("-I", isolated), ("-E", flags.ignore_environment and not isolated),
+        ("-S", flags.no_site), ("-s", flags.no_user_site and not isolated),
         ("-B", flags.dont_write_bytecode), ("-O", flags.optimize == 1),
         ("-OO", flags.optimize >= 2)) if on]
     try:
