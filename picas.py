@@ -119,6 +119,22 @@ class BadResponse(PicasError):
     """The server answered something that is not the JSON CouchDB sends."""
 
 
+class Unstorable(PicasError, ValueError):
+    """A value that JSON cannot hold (bytes, NaN, lone surrogates...); ``problems`` says where."""
+
+    def __init__(self, message, problems=()):
+        PicasError.__init__(self, message)
+        self.problems = list(problems)
+
+
+class Degraded(PicasError):
+    """A CouchDB cluster answers writes with 202: fewer copies than its quorum took them.
+
+    Raised by claiming: after such an answer a pilot claims nothing more until
+    writes are answered 201 again (see :meth:`Database.probe`).
+    """
+
+
 class HTTPError(PicasError):
     """CouchDB answered with an error status.
 
@@ -243,7 +259,100 @@ def _quote_id(doc_id):
 
 
 def _dumps(obj):
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Encode ``obj`` as the compact UTF-8 JSON CouchDB stores, or raise :class:`Unstorable`.
+
+    NaN and infinities (not JSON), bytes and other non-JSON objects are
+    refused with the place they were found. Text with lone surrogates (as
+    truncating JavaScript or Java code leaves it) is sent as ``\\udXXX``
+    escapes, the only lossless form: CouchDB refuses it (400 "invalid UTF-8
+    JSON"), lenient servers store it.
+    """
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
+    except (TypeError, ValueError):
+        problems = find_unstorable(obj)
+        raise Unstorable("cannot be stored as JSON: %s" % "; ".join(problems[:3] or ["?"]),
+                         problems)
+
+
+def find_unstorable(value, where="", limit=10):
+    """The places in ``value`` that JSON (or CouchDB) cannot hold, as readable lines.
+
+    Bytes, NaN and infinite numbers, text with lone surrogates, keys that are
+    not text, and objects other than dict, list, str, int, float, bool, None.
+    An empty list when ``value`` is fine (checked at C speed first).
+    """
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return []
+    except (TypeError, ValueError):         # UnicodeEncodeError is a ValueError
+        pass
+    found = []
+
+    def walk(item, path):
+        if len(found) >= limit:
+            return
+        name = path or "the document"
+        if isinstance(item, str):
+            for i, char in enumerate(item):
+                if "\ud800" <= char <= "\udfff":
+                    found.append("%s holds a lone surrogate U+%04X at position %d (not valid "
+                                 "Unicode text)" % (name, ord(char), i))
+                    return
+        elif isinstance(item, bool) or item is None or isinstance(item, int):
+            return
+        elif isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                found.append("%s is %r, which JSON cannot hold" % (name, item))
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                if not isinstance(key, (str, int, float, bool)) and key is not None:
+                    found.append("%s has a key %r that is not text" % (name, key))
+                    continue
+                key = key if isinstance(key, str) else json.dumps(key)
+                walk(key, "%s (a key)" % (path + "." + key if path else key))
+                walk(sub, path + "." + key if path else key)
+        elif isinstance(item, (list, tuple)):
+            for i, sub in enumerate(item):
+                walk(sub, "%s[%d]" % (path, i))
+        elif isinstance(item, (bytes, bytearray)):
+            found.append("%s holds bytes (%r%s), which JSON cannot hold: decode them to text "
+                         "or attach them" % (name, bytes(item[:20]), "..." if len(item) > 20 else ""))
+        else:
+            found.append("%s holds a %s object, which JSON cannot hold"
+                         % (name, type(item).__name__))
+    walk(value, where)
+    return found
+
+
+def make_storable(value):
+    """A copy of ``value`` that JSON and CouchDB can hold: see :func:`find_unstorable`.
+
+    Bytes become UTF-8 text when they are, else ``"base64:..."``; NaN and
+    infinities their names as text; lone surrogates U+FFFD; other objects
+    their ``repr``.
+    """
+    if isinstance(value, str):
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value) \
+            if any("\ud800" <= c <= "\udfff" for c in value) else value
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else repr(value)
+    if isinstance(value, dict):
+        return dict((make_storable(k) if isinstance(k, str) else repr(k), make_storable(v))
+                    for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return [make_storable(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return "base64:" + base64.b64encode(bytes(value)).decode("ascii")
+    return repr(value)
 
 
 _JSON_PARAMS = frozenset(["key", "keys", "startkey", "endkey", "start_key",
@@ -652,6 +761,7 @@ class Database(object):
         self.server = server
         self.name = name
         self._path = "/" + quote(name, safe="")
+        self._copies = None
 
     def __repr__(self):
         return "%s(%r, %r)" % (type(self).__name__, self.server.url, self.name)
@@ -694,21 +804,59 @@ class Database(object):
                                "GET", self._doc_path(doc_id))
             return default
 
+    def copies(self):
+        """How many copies of each document the server keeps (CouchDB's ``n``; 1 elsewhere)."""
+        if self._copies is None:
+            cluster = self.info().get("cluster") or {}
+            self._copies = int(cluster.get("n") or 1)
+        return self._copies
+
     def live_leaves(self, doc_id):
         """The current revisions ("leaves") of a document that are not deleted.
 
         One, unless concurrent writes through different cluster nodes left
-        conflicting revisions. Read from every copy (``r=3``) so that a leaf
-        only some copies hold so far is seen too.
+        conflicting revisions. Read from every copy (``r`` = the database's
+        number of copies) so that a leaf only some copies hold so far is seen
+        too. On a cluster that is missing nodes CouchDB answers from the copies
+        it has: only trust this once a write was answered 201 (:meth:`probe`).
         """
         try:
             found = self.request("GET", "/" + _quote_id(doc_id),
-                                 params={"open_revs": "all", "r": 3})[2]
+                                 params={"open_revs": "all", "r": self.copies()})[2]
         except NotFound:
             return []
         return [item["ok"] for item in found or []
                 if isinstance(item, dict) and isinstance(item.get("ok"), dict)
                 and not item["ok"].get("_deleted")]
+
+    def probe(self, note=None):
+        """Write a small local document and return the status: 201 when writes reach their quorum.
+
+        A CouchDB cluster answers 202 while it is missing the nodes its write
+        quorum needs. The document is ``_local/picas-pilot-<id>`` (``note``'s
+        ``pilot_id``): local documents appear in no view, are never
+        replicated, and tell ``status`` which token a pilot holds an
+        uncertain lock on.
+        """
+        body = dict(note or {}, time=_now())
+        path = "/" + _quote_id("_local/picas-pilot-" + str(body.get("pilot_id") or "probe"))
+        for _ in range(3):
+            try:
+                return self.request("PUT", path, body=body, retry=True)[0]
+            except Conflict:
+                # CouchDB overwrites a local document without its _rev, others want it.
+                body["_rev"] = (self.request("GET", path)[2] or {}).get("_rev")
+        raise PicasError("PUT %s%s keeps conflicting" % (self._path, path))
+
+    def pilot_notes(self):
+        """The notes pilots left with :meth:`probe` (uncertain locks), or [] where unsupported."""
+        try:
+            rows = self.request("GET", "/_local_docs", params={
+                "include_docs": True, "startkey": "_local/picas-pilot-",
+                "endkey": "_local/picas-pilot-\ufff0"})[2].get("rows", [])
+        except HTTPError:
+            return []
+        return [row["doc"] for row in rows if isinstance(row.get("doc"), dict)]
 
     def __getitem__(self, doc_id):
         doc = self.get(doc_id)
@@ -734,7 +882,13 @@ class Database(object):
         """
         if "_id" not in doc:
             doc["_id"] = new_id()
-        status, _, result = self._put_doc(doc, params)
+        lease = _active.get("lease")
+        if lease is not None and lease.guards(self, doc):
+            # The token a pilot is running: never in the middle of its heartbeat.
+            with lease.lock:
+                status, _, result = self._put_doc(doc, params)
+        else:
+            status, _, result = self._put_doc(doc, params)
         doc["_rev"] = result["rev"]
         return doc["_id"], doc["_rev"]
 
@@ -779,13 +933,13 @@ class Database(object):
         return self._bulk(docs, **options)[1]
 
     def _bulk(self, docs, **options):
-        """:meth:`update`, also returning ``(status, results, recovered)``.
+        """:meth:`update`, also returning ``(status, results, unsure)``.
 
         ``status`` is the HTTP status: a CouchDB cluster answers 202 instead of
         201 when some write reached fewer copies than its quorum (the
-        per-document results do not say which). ``recovered`` holds the ids of
-        writes found landed by an earlier attempt whose answer was lost: their
-        status is unknown.
+        per-document results say so with ``"accepted": true``). ``unsure`` holds
+        the ids of writes whose quorum is not known: accepted (202) ones, and
+        those found landed by an earlier attempt whose answer was lost.
         """
         docs = list(docs)
         for doc in docs:
@@ -815,7 +969,7 @@ class Database(object):
                 rows = self.all_docs(keys=ids, include_docs=True)["rows"]
                 landed = dict((row["id"], row["doc"]) for row in rows if row.get("doc"))
         out = []
-        recovered = set()
+        recovered, accepted = set(), set()
         for doc, result in zip(docs, results):
             stored = landed.get(doc["_id"])
             if "error" in result and stored is not None and _same_content(stored, doc):
@@ -831,7 +985,12 @@ class Database(object):
             else:
                 doc["_rev"] = result["rev"]
                 out.append((True, doc["_id"], result["rev"]))
-        return status, out, recovered
+                if result.get("accepted"):
+                    accepted.add(doc["_id"])
+        if status == 202 and not accepted:
+            # A 202 that does not say which writes missed their quorum: any may have.
+            accepted = set(doc_id for ok, doc_id, _ in out if ok)
+        return status, out, recovered | accepted
 
     def all_docs(self, **params):
         """Query ``_all_docs``; returns CouchDB's result dict (``rows``, ``total_rows``)."""
@@ -1483,13 +1642,23 @@ class _Claimer(object):
     position in the view, so that many pilots starting together spread over
     the tokens. Each candidate is checked (``lock == 0 and done == 0`` on the
     returned document: a view row can be older than its document) and locked
-    with a PUT carrying the revision that was seen in todo. Only a 201 answer
-    is a claim: a CouchDB cluster answers 202 when a write reached fewer
-    copies than its quorum, and then another pilot may hold the token. A 409
-    means another pilot was faster: try another candidate after a short,
-    jittered pause. One view read serves several claims while it is fresh,
-    and a pilot's next lock usually travels with its last result in one
-    ``_bulk_docs`` request (:meth:`save_and_claim`): about one request per token.
+    with a PUT carrying the revision that was seen in todo. A 409 means
+    another pilot was faster: try another candidate after a short, jittered
+    pause. One view read serves several claims while it is fresh.
+
+    Only a 201 answer is a claim. A lock whose outcome is not known -- its
+    answer was lost, or it was answered 202 (on a CouchDB cluster: fewer
+    copies than the quorum took it, so another pilot may hold the token) --
+    is this claimer's one *unsure* lock: nothing else is locked until it is
+    resolved, and it is resolved only once a probe write is answered 201 (the
+    cluster is whole again, so a read of every copy tells the truth): when
+    this claim's revision is the token's only live leaf the token is ours,
+    otherwise it is left alone (``reset --stale`` repairs it). While the probe
+    is answered 202, :class:`Degraded` is raised: the pilot backs off.
+
+    A finished token's result can carry the next lock in the same
+    ``_bulk_docs`` request (:meth:`save_and_claim`), but only with a
+    candidate already in memory: saving a result never waits for a view read.
     """
 
     #: Rows fetched per view read.
@@ -1509,6 +1678,7 @@ class _Claimer(object):
         self.stats = ClaimStats()
         self.stop = None            # callable: true when claiming must stop now
         self.lock_fields = {}       # written with every lock (heartbeat_interval)
+        self.unsure = None          # the one lock body whose outcome is not known yet
         self._candidates = []
         self._fetched = 0.0
         self._total = None          # rows in the view at the last read
@@ -1516,18 +1686,23 @@ class _Claimer(object):
         self._rows = {}             # id -> view row of the current window
         self._skipped_to = 0        # the random skip of the last window read
         self._misses = 0            # lock writes that lost since the last window read
-        self._empty_at = 0.0        # when the view was last found empty
+        self._empty_at = -1e9       # when the view was last found empty (monotonic)
         self._held = None           # a token claimed with the last result, not yet handed out
-        self._uncertain = None      # the lock body of a combined write whose answer was lost
 
     def claim(self):
-        """Claim one token and return it as a :class:`Task`, or None when the view is empty."""
+        """Claim one token and return it as a :class:`Task`, or None when the view is empty.
+
+        Raises :class:`Degraded` while a cluster answers writes with 202, and
+        :class:`ServerUnreachable` through an outage; the unsure lock, if any,
+        is kept for the next call.
+        """
         held, self._held = self._held, None
         if held is not None:
             return held
-        token = self._adopt_uncertain()
-        if token is not None:
-            return token
+        if self.unsure is not None:
+            token = self.resolve_unsure()
+            if token is not None:
+                return token
         while True:
             doc = self._next_candidate()
             if doc is None:
@@ -1538,36 +1713,42 @@ class _Claimer(object):
             self._missed()
 
     def save_and_claim(self, doc):
-        """Save ``doc`` (a finished token) and lock the next candidate in one request.
+        """Save ``doc`` (a finished token), with the next lock in the same request if one is ready.
 
-        One ``_bulk_docs`` POST carries both writes, each a compare-and-set
-        on its own revision, so a pilot makes about one request per token
-        instead of two. The claim, if the lock won, is kept for the next
-        :meth:`claim`; as with a lone PUT, only a 201 answer (every write
-        reached its quorum) makes the lock a claim. ``doc`` gets its new
-        ``_rev``; a conflict or refusal of ``doc`` is raised as with
-        :meth:`Database.save`, after the lock's outcome has been recorded.
-        Without a candidate (or once claiming must stop) it is a plain save.
+        The lock rides along only when a candidate is already in memory and
+        no lock is unsure: the save never waits for, or fails with, a view
+        read. Both writes of the ``_bulk_docs`` POST are compare-and-sets on
+        their own revisions. A lock answered 201 is kept for the next
+        :meth:`claim`; one whose quorum is not known becomes the unsure lock.
+        ``doc`` gets its new ``_rev``; a conflict or refusal of ``doc`` is
+        raised as with :meth:`Database.save`, after the lock's outcome was
+        recorded.
         """
-        candidate = None if self._held is not None else self._next_candidate()
         if token_state(doc) == "todo":
             self.forget_empty()          # it goes back to the view (a scrub): look again
+        candidate = None
+        if self._held is None and self.unsure is None and not (self.stop and self.stop()):
+            while self._candidates and candidate is None:
+                candidate = self._candidates.pop(random.randrange(len(self._candidates)))
+                candidate = candidate if self._claimable(candidate) else None
         if candidate is None:
             self.db.save(doc)
             return
-        body = self._lock_body(candidate)
-        self._uncertain = body              # until the answer tells what happened
-        status, results, recovered = self.db._bulk([doc, body])
-        self._uncertain = None
+        body = self.unsure = self._lock_body(candidate)   # until the answer tells
+        status, results, unsure = self.db._bulk([doc, body])
         (saved, _, saved_or_error), (locked, _, lock_or_error) = results
-        if locked and body["_id"] in recovered:
-            self._held = self._won_unheard(body)      # the status that counts was lost
+        if locked and body["_id"] not in unsure:
+            self.unsure = None
+            self._held = self._locked(body)
         elif locked:
-            self._held = self._locked(body, status)
+            log.info("lock of %s sent with a result: quorum not known (HTTP %d); resolved "
+                     "before the next claim", body["_id"], status)
         elif isinstance(lock_or_error, Conflict):
+            self.unsure = None
             self.stats.conflicts += 1
-            self._missed()
+            self._misses += 1
         else:
+            self.unsure = None
             self.stats.skipped += 1          # deleted since the view was read, or refused
         if not saved:
             raise saved_or_error
@@ -1576,15 +1757,15 @@ class _Claimer(object):
         """The next todo document to try to lock (reading windows as needed), or None."""
         if self.stop is not None and self.stop():
             return None
-        if not self._candidates or self._misses >= 3 or \
-                time.time() - self._fetched > self.window_age:
-            if not self._candidates and time.time() - self._empty_at < self.empty_memory:
+        now = time.monotonic()
+        if not self._candidates or self._misses >= 3 or now - self._fetched > self.window_age:
+            if not self._candidates and now - self._empty_at < self.empty_memory:
                 return None              # just looked: nothing there
             # A window read at a random position may miss the few tokens left
             # before it: then look once more from the start of the view.
             if not self._read_window() and not (self._skipped_to and
                                                 self._read_window(at_start=True)):
-                self._empty_at = time.time()
+                self._empty_at = time.monotonic()
                 return None
             self._misses = 0
         return self._candidates.pop(random.randrange(len(self._candidates)))
@@ -1597,7 +1778,7 @@ class _Claimer(object):
 
     def forget_empty(self):
         """Look at the view again on the next claim, even if it was empty a moment ago."""
-        self._empty_at = 0.0
+        self._empty_at = -1e9
 
     def _read_window(self, at_start=False):
         """Read a window of claimable candidates; False when the view has none.
@@ -1624,18 +1805,36 @@ class _Claimer(object):
                 break
             params["startkey"], params["startkey_docid"] = rows[-1]["key"], rows[-1]["id"]
             skip = 1
-        self._fetched = time.time()
+        self._fetched = time.monotonic()
         return bool(self._candidates)
 
     def _claimable(self, doc):
         if token_state(doc) == "todo":
-            return True
+            problems = find_unstorable(doc)
+            if not problems:
+                return True
+            self._refuse(doc, problems)
         self.stats.skipped += 1
         if isinstance(doc, dict) and doc.get("type") != "token" and doc.get("_id") not in self._warned:
             self._warned.add(doc.get("_id"))
             log.warning("view %s holds %r, which is not a token (no type: \"token\"); "
                         "passed over", self.view_name, doc.get("_id"))
         return False
+
+    def _refuse(self, doc, problems):
+        """A todo token holding values CouchDB cannot store: put it in error, never run it."""
+        message = ("this token cannot be run: %s. Fix the token (CouchDB itself refuses such "
+                   "values) and reset it" % "; ".join(problems))
+        log.error("token %s: %s", doc.get("_id"), message)
+        body = Task(doc)
+        body.lock()
+        body.error(message)
+        body["pilot_id"], body["claim_id"] = self.pilot_id, new_id()
+        try:
+            self.db.save(body)
+        except PicasError as exc:
+            log.error("token %s could not be put in error (%s); it is passed over",
+                      doc.get("_id"), exc)
 
     def _lock_body(self, doc):
         """The locked token to write: unique to this pilot and this claim."""
@@ -1650,72 +1849,90 @@ class _Claimer(object):
     def _lock(self, doc):
         if not self._claimable(doc):
             return None
-        token = self._lock_body(doc)
+        token = self.unsure = self._lock_body(doc)     # until the answer tells
         try:
             status, _, result = self.db.request(
                 "PUT", "/" + _quote_id(token["_id"]), body=token, retry=True)
         except Conflict as exc:
             if exc.ambiguous:
-                # The answer to our first attempt was lost: was the lock ours?
-                return self._won_unheard(token)
+                return self.resolve_unsure()    # the answer to a first attempt was lost
+            self.unsure = None
             self.stats.conflicts += 1
             return None
         except NotFound:
+            self.unsure = None
             self.stats.skipped += 1          # deleted since the view was read
             return None
         token["_rev"] = result["rev"]
-        return self._locked(token, status)
+        if status == 201:
+            self.unsure = None
+            return self._locked(token)
+        log.info("lock of %s answered %d, not 201: not a claim unless the cluster, once "
+                 "whole, shows it is the only revision", token["_id"], status)
+        return self.resolve_unsure()
 
-    def _locked(self, token, status):
-        """The lock write of ``token`` (its new ``_rev`` set) was answered ``status``."""
-        if status != 201:
-            # 202: the write reached fewer copies than the cluster's quorum, so
-            # another pilot may own this token. Neither run it nor write to it.
-            self.stats.accepted += 1
-            log.info("lock of %s answered %d, not 201: not a claim; trying another token",
-                     token["_id"], status)
-            return None
+    def _locked(self, token):
+        """The lock write of ``token`` (its new ``_rev`` set) won: hand it out."""
         self.stats.claims += 1
         row = self._rows.get(token["_id"]) or {}
         token.view_key, token.view_value = row.get("key"), row.get("value")
         return token
 
-    def _won_unheard(self, token):
-        """A lock write landed but its answer was lost: is the token ours? Return it, or None.
+    def resolve_unsure(self):
+        """Settle the unsure lock: return its token when it is ours, else None.
 
-        The answer might have been a 202 (a cluster write that missed its
-        quorum, while another pilot's write won). So the lock counts only when
-        this claim's revision is the token's only live revision: then no other
-        pilot can hold it. Otherwise the token is left alone, not written to
-        (``reset --stale`` repairs a token nobody runs).
+        First a probe write: while it is answered 202 the cluster is missing
+        nodes, a read cannot see every copy, and :class:`Degraded` is raised
+        with the lock still unsure. Once it is answered 201, the lock counts
+        only when this claim's revision is the token's only live leaf: then no
+        other pilot can hold it. Otherwise the token is left alone, never
+        written to (``reset --stale`` repairs a token nobody runs).
         """
-        leaves = self.db.live_leaves(token["_id"])
-        if len(leaves) == 1 and leaves[0].get("claim_id") == token["claim_id"]:
-            token["_rev"] = leaves[0]["_rev"]
-            return self._locked(token, 201)       # as good as a 201: nobody else holds it
-        if any(leaf.get("claim_id") == token["claim_id"] for leaf in leaves):
+        body = self.unsure
+        if body is None:
+            return None
+        note = {"pilot_id": self.pilot_id, "uncertain": body["_id"], "claim_id": body["claim_id"]}
+        status = self.db.probe(note)
+        if status != 201:
+            raise Degraded("writes are answered %d, not 201: the cluster is missing nodes; the "
+                           "lock of %s stays unsure until it is whole again" % (status, body["_id"]))
+        leaves = self.db.live_leaves(body["_id"])
+        self.unsure = None
+        ours = [leaf for leaf in leaves if leaf.get("claim_id") == body["claim_id"]]
+        token = None
+        if len(leaves) == 1 and ours:
+            body["_rev"] = ours[0]["_rev"]
+            token = self._locked(body)          # as good as a 201: nobody else holds it
+            log.info("token %s: the unsure lock was ours", body["_id"])
+        elif ours:
             self.stats.accepted += 1
             log.warning("token %s: this pilot's lock landed next to another revision (a "
                         "cluster split): not a claim; `reset --stale` will repair it",
-                        token["_id"])
+                        body["_id"])
         else:
             self.stats.conflicts += 1
-        return None
-
-    def _adopt_uncertain(self):
-        """A combined write whose answer never came: was its lock written, and won?"""
-        body, self._uncertain = self._uncertain, None
-        if body is None:
-            return None
-        token = self._won_unheard(body)
-        if token is not None:
-            log.info("token %s: the lock written with the last result was ours", body["_id"])
+        try:
+            self.db.probe({"pilot_id": self.pilot_id, "uncertain": None})
+        except PicasError:
+            pass                                # only a note for `status`
         return token
 
     def give_back_held(self):
-        """The token claimed ahead with the last result, if any: the caller must give it back."""
+        """The token claimed ahead with the last result, or the unsure lock found ours, if any.
+
+        The caller must give it back. An unsure lock that cannot be settled
+        now (the cluster is degraded or away) is left with a message.
+        """
         held, self._held = self._held, None
-        return held or self._adopt_uncertain()
+        if held is not None or self.unsure is None:
+            return held
+        token_id = self.unsure["_id"]
+        try:
+            return self.resolve_unsure()
+        except PicasError as exc:
+            log.warning("token %s: the lock this pilot wrote is unsure (%s); it stays locked "
+                        "until `picas.py reset locked --stale` frees it", token_id, exc)
+            return None
 
 
 class ViewIterator(object):
@@ -1787,6 +2004,9 @@ class TaskViewIterator(ViewIterator):
         """The claimer that may claim the next token together with a result save."""
         return self._claimer
 
+    def _claimers(self):
+        return [self._claimer]
+
     def expect_rows(self, total_rows):
         """Tell the claimer how many rows the view has, so its first read spreads out too."""
         self._claimer._total = total_rows
@@ -1825,6 +2045,9 @@ class PrioritizedViewIterator(ViewIterator):
 
     def claim_task(self):
         return self._high.claim() or self._low.claim()
+
+    def _claimers(self):
+        return [self._high, self._low]
 
     def reset(self):
         ViewIterator.reset(self)
@@ -1876,18 +2099,26 @@ class EndlessViewIterator(ViewIterator):
                     self.stop_callback(**self.stop_callback_args))
 
     def claim_task(self):
+        """The next claimed token; waits through empty views, outages and degraded clusters."""
         delay = self.sleep_sec
         while not self._stopping():
-            task = self.iterator.claim_task()
-            if task is not None:
-                return task
-            self.iterator.reset()
-            log.debug("no work in the view; checking again in %.0f s", delay)
-            deadline = time.time() + random.uniform(0.75 * delay, delay)
-            while time.time() < deadline and not self._stopping():
-                time.sleep(min(0.5, max(0.0, deadline - time.time())))
+            try:
+                task = self.iterator.claim_task()
+            except (ServerUnreachable, ServerError, Degraded) as exc:
+                log.warning("cannot claim now (%s); trying again in about %.0f s", exc, delay)
+            else:
+                if task is not None:
+                    return task
+                self.iterator.reset()
+                log.debug("no work in the view; checking again in %.0f s", delay)
+            deadline = time.monotonic() + random.uniform(0.75 * delay, delay)
+            while time.monotonic() < deadline and not self._stopping():
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
             delay = min(self.max_sleep_sec, delay * 2)
         return None
+
+    def _claimers(self):
+        return self.iterator._claimers() if hasattr(self.iterator, "_claimers") else []
 
     def _ahead(self):
         inner = getattr(self.iterator, "_ahead", None)
@@ -2062,8 +2293,8 @@ def _stop_group(proc, grace):
         os.killpg(pgid, signal.SIGTERM)
     except OSError:
         pass
-    deadline = time.time() + grace
-    while time.time() < deadline:
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
         if proc.poll() is not None and not _group_alive(pgid):
             break
         time.sleep(0.05)
@@ -2075,6 +2306,44 @@ def _stop_group(proc, grace):
     except OSError:
         pass
     proc.wait()
+
+
+def _utf8(text):
+    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+
+
+#: Environment variables that hold the database password: never passed to a task.
+SECRET_VARIABLES = ("PICAS_PASSWORD",)
+#: Environment variables that may hold a URL with credentials: passed on without them.
+URL_VARIABLES = ("PICAS_HOST_URL",)
+
+
+def task_environment(db=None, environ=None, **extra):
+    """The environment a task gets: the pilot's, without credentials, plus ``extra``.
+
+    Variables are removed by name (SECRET_VARIABLES; URL_VARIABLES lose the
+    user name and password of their URL), whatever their values are. Keys
+    and values are UTF-8 bytes, so that non-ASCII inputs work under any
+    locale (Python 3.6 would encode str values as ASCII under LC_ALL=C).
+    ``db`` is accepted for symmetry with the pilot (its password is already
+    outside every variable this keeps).
+    """
+    if environ is None:
+        environ = getattr(os, "environb", None)
+        if environ is None:
+            environ = os.environ
+    env = {}
+    for key, value in environ.items():
+        key, value = _utf8(key), _utf8(value)
+        name = key.decode("utf-8", "surrogateescape")
+        if name in SECRET_VARIABLES:
+            continue
+        if name in URL_VARIABLES:
+            value = _utf8(redact_url(value.decode("utf-8", "surrogateescape")))
+        env[key] = value
+    for key, value in extra.items():
+        env[_utf8(key)] = _utf8(value)
+    return env
 
 
 def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAULT_GRACE,
@@ -2092,11 +2361,15 @@ def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAUL
     """
     import subprocess
     _Watchdog.get()                       # started before the task, never in between
-    env = dict(os.environ if env is None else env)
+    env = task_environment() if env is None else dict(env)
     if any(isinstance(key, bytes) for key in env):
         env[b"PICAS_WATCHDOG"] = _Watchdog.mark.encode("ascii")
+        for name in SECRET_VARIABLES:
+            env.pop(_utf8(name), None)
     else:
         env["PICAS_WATCHDOG"] = _Watchdog.mark
+        for name in SECRET_VARIABLES:
+            env.pop(name, None)
     # A stop signal or timeout during Popen() would leave a started task
     # unknown to us: the pilot's handlers hold their exception until we can
     # act on it (see RunActor._interrupt).
@@ -2140,7 +2413,7 @@ def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAUL
 
 #: Settings of the pilot that is running now (set by RunActor.run): its grace
 #: period, and whether it is an old-API pilot (whose execute() returned 3 values).
-_active = {"grace": DEFAULT_GRACE, "old_api": False, "spawning": False}
+_active = {"grace": DEFAULT_GRACE, "old_api": False, "spawning": False, "lease": None}
 
 
 def execute(args, shell=False, grace=None):
@@ -2188,6 +2461,273 @@ def read_log(path, limit=DEFAULT_LOG_LIMIT):
 
 
 ###############################################################################
+# The result journal ##########################################################
+###############################################################################
+#
+# A finished result is written to local disk, and fsynced, before any network
+# write; it is removed once the server holds it. A pilot killed in between
+# (SIGKILL after its stop signal, a lost node, a server that never came back)
+# leaves the entry behind; the next pilot in the same directory, or
+# ``picas.py replay DIR`` on the machine the files were brought back to, saves
+# it. A replay never runs anything and never overwrites a newer result.
+
+#: Where results wait for the server: ``$PICAS_JOURNAL``, else this folder of
+#: the working directory.
+DEFAULT_JOURNAL = "picas-journal"
+
+
+class Journal(object):
+    """A folder of finished results not yet known to be held by the server.
+
+    One JSON file per result, named after a hash of the token id and the
+    claim (any id fits in a file name), written to a temporary name, fsynced
+    and renamed, so an entry is either whole or absent. Entries that cannot be
+    saved for good (their token was deleted) are set aside as
+    ``*.json.deleted``, never removed.
+    """
+
+    def __init__(self, directory=None):
+        self.directory = os.path.abspath(directory or os.environ.get("PICAS_JOURNAL")
+                                         or DEFAULT_JOURNAL)
+
+    def __repr__(self):
+        return "Journal(%r)" % self.directory
+
+    def path_for(self, token):
+        import hashlib
+        digest = hashlib.sha1(_utf8(str(token.get("_id")))).hexdigest()[:16]
+        claim = "".join(c for c in str(token.get("claim_id") or "") if c.isalnum())[:12]
+        return os.path.join(self.directory, "%s-%s.json" % (digest, claim or "noclaim"))
+
+    def write(self, token, claimed, database, pilot_id):
+        """Keep ``token`` (a finished result) durably; return the entry's path, or None.
+
+        Never raises: a full or read-only disk is logged, and the result goes
+        on to the server without a local copy.
+        """
+        entry = {"picas_journal": 1, "written": _now(), "database": database.name,
+                 "server": database.server.url, "pilot_id": pilot_id,
+                 "claim_id": token.get("claim_id"), "result": token,
+                 "claimed": dict((k, v) for k, v in claimed.items() if k != "_attachments")}
+        path = self.path_for(token)
+        tmp = "%s.%s.tmp" % (path, new_id()[:8])
+        try:
+            data = _dumps(entry)
+            if not os.path.isdir(self.directory):
+                os.makedirs(self.directory, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            _fsync_dir(self.directory)
+            return path
+        except (OSError, PicasError) as exc:
+            _remove(tmp)
+            log.warning("token %s: could not keep the result in the journal %s (%s); it goes "
+                        "to the server without a local copy", token.get("_id"), self.directory, exc)
+            return None
+
+    def remove(self, path):
+        if path and _remove(path):
+            _fsync_dir(self.directory)
+
+    def set_aside(self, path, why):
+        """Keep an entry that can never be saved out of later replays (``.<why>`` appended)."""
+        try:
+            os.rename(path, "%s.%s" % (path, why))
+        except OSError:
+            pass
+
+    def entries(self):
+        """Paths of the entries waiting, oldest first."""
+        try:
+            names = [n for n in os.listdir(self.directory) if n.endswith(".json")]
+        except OSError:
+            return []
+        paths = [os.path.join(self.directory, n) for n in names]
+        return sorted(paths, key=lambda p: (_mtime(p), p))
+
+    def tidy(self):
+        """Remove the folder when nothing is left in it (so a working directory stays clean)."""
+        try:
+            os.rmdir(self.directory)
+        except OSError:
+            pass
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+        return True
+    except OSError:
+        return False
+
+
+def _mtime(path):
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replay_journal(db, journal, pilot_id=None):
+    """Save the results waiting in ``journal`` that belong to ``db``; return counts.
+
+    For each entry the token is read: still locked by the entry's claim, the
+    result is written on top (changes others made meanwhile kept); already
+    holding that claim's result, the entry is just removed; back in todo
+    with the same input and nobody running it (``reset --stale`` freed it),
+    the result is written too, so the work is not done twice; taken or
+    finished by another claim, the result goes into the token's ``error``
+    list and nothing is overwritten. Nothing is ever run. Entries stay while
+    the server is away or refuses them. Returns a dict with ``saved``,
+    ``already``, ``in_error_list``, ``left`` and ``deleted``.
+    """
+    counts = dict.fromkeys(("saved", "already", "in_error_list", "left", "deleted"), 0)
+    for path in journal.entries():
+        try:
+            with open(path, "rb") as fh:
+                entry = json.loads(fh.read().decode("utf-8"))
+            result, claimed = entry["result"], entry["claimed"]
+            result["_id"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("journal entry %s is not readable (%s); left alone", path, exc)
+            counts["left"] += 1
+            continue
+        if entry.get("database") != db.name:
+            counts["left"] += 1
+            log.debug("journal entry %s belongs to database %r; left alone", path,
+                      entry.get("database"))
+            continue
+        try:
+            outcome = _replay_entry(db, result, claimed, pilot_id or entry.get("pilot_id"))
+        except (ServerUnreachable, ServerError) as exc:
+            log.warning("replaying the journal stopped: %s; %s stays for a later replay",
+                        exc, path)
+            counts["left"] += 1
+            break
+        except PicasError as exc:
+            log.error("token %s: the server refused the journaled result (%s); %s stays",
+                      result["_id"], exc, path)
+            counts["left"] += 1
+            continue
+        counts[outcome] += 1
+        if outcome == "deleted":
+            journal.set_aside(path, "deleted")
+            log.error("token %s was deleted; its journaled result is kept in %s.deleted",
+                      result["_id"], path)
+        else:
+            journal.remove(path)
+            log.info("token %s: journaled result %s (%s)", result["_id"], {
+                "saved": "saved", "already": "was already there",
+                "in_error_list": "kept in the token's error list: another claim had it"}[outcome],
+                os.path.basename(path))
+    return counts
+
+
+def _replay_entry(db, result, claimed, pilot_id):
+    for _ in range(10):
+        current = db.get(result["_id"])
+        if current is None:
+            return "deleted"
+        same_claim = current.get("claim_id") == result.get("claim_id")
+        state = token_state(current)
+        if same_claim and state in ("done", "error"):
+            return "already"
+        freed = (state == "todo" and not current.get("claim_id")
+                 and current.get("input") == claimed.get("input"))
+        if not (same_claim and state == "locked") and not freed:
+            _keep_in_error_list(db, current, result, pilot_id)
+            return "in_error_list"
+        body = dict(result)
+        _reapply(body, claimed, current)
+        try:
+            db.save(body)
+            return "saved"
+        except Conflict:
+            continue
+    raise PicasError("token %s keeps changing; try the replay again" % result["_id"])
+
+
+def _keep_in_error_list(db, current, result, pilot_id):
+    """Add ``result`` to the error list of ``current`` (a token another claim has), keeping all else."""
+    message = ("pilot %s finished this token (claim %s, exit code %s) after it had been reset "
+               "or taken by another pilot; the result is kept here"
+               % (pilot_id, result.get("claim_id"), result.get("exit_code")))
+    log.error("token %s: %s", current.get("_id"), message)
+    entry = {"time": _now(), "message": message, "hostname": _hostname(),
+             "result": dict((k, v) for k, v in result.items()
+                            if k not in ("_id", "_rev", "_attachments", "error"))}
+    for _ in range(10):
+        errors = current.get("error")
+        current["error"] = (errors if isinstance(errors, list) else
+                            [] if errors in (None, "") else [errors]) + [entry]
+        try:
+            db.save(current)
+            return
+        except Conflict:
+            current = db.get(current["_id"])
+            if current is None:
+                raise NotFound(404, "not_found", "deleted", "GET", result["_id"])
+    raise PicasError("token %s keeps changing; its result stays in the journal" % result["_id"])
+
+
+def _reapply(task, claimed, current):
+    """Rebuild ``task`` as ``current`` plus the changes ``task`` made to ``claimed``.
+
+    Fields this pilot changed or added win (``claimed`` is a deep copy taken
+    at the claim, so changes made in place inside nested values count too);
+    fields it did not touch keep the other writer's values; new attachments
+    are kept next to the other writer's. The result is written into ``task``
+    in place, on ``current``'s _rev.
+    """
+    changes = dict((k, v) for k, v in task.items()
+                   if k not in ("_rev", "_attachments") and claimed.get(k, _MISSING) != v)
+    removed = [k for k in claimed if k not in task and k not in ("_rev", "_attachments")]
+    ours = task.get("_attachments") or {}
+    merged = dict(current)
+    merged.update(changes)
+    for key in removed:
+        merged.pop(key, None)
+    attachments = {}
+    for name, info in (current.get("_attachments") or {}).items():
+        attachments[name] = {"stub": True, "content_type": info.get("content_type"),
+                             "length": info.get("length"), "digest": info.get("digest")}
+    attachments.update((name, info) for name, info in ours.items() if not info.get("stub"))
+    if attachments:
+        merged["_attachments"] = attachments
+    task.clear()
+    task.update(merged)
+
+
+def _deep_copy(doc):
+    """A copy of a token sharing nothing with it (its attachment stubs included)."""
+    try:
+        return json.loads(json.dumps(doc))
+    except (TypeError, ValueError):
+        import copy
+        return copy.deepcopy(dict(doc))
+
+
+###############################################################################
 # The actor loop ##############################################################
 ###############################################################################
 
@@ -2198,50 +2738,71 @@ DEFAULT_HEARTBEAT = 300.0
 STOP_SIGNALS = tuple(getattr(signal, name) for name in
                      ("SIGTERM", "SIGINT", "SIGUSR1", "SIGXCPU") if hasattr(signal, name))
 #: Seconds a pilot keeps trying to save a result through a server outage
-#: (a local copy is kept meanwhile), and the pause between its tries.
+#: (the journal holds it meanwhile), and the pause between its tries.
 RESULT_SAVE_PATIENCE = 3600.0
 RESULT_RETRY_PAUSE = (5.0, 15.0)
+#: Seconds a pilot without --endless waits through an outage or a degraded
+#: cluster before it gives up claiming; the first and the longest pause.
+OUTAGE_PATIENCE = 900.0
+OUTAGE_PAUSE = (5.0, 60.0)
+#: After a stop signal, the seconds left for talking to the server (giving a
+#: token back, saving a result, settling an unsure lock); what is not done by
+#: then stays in the journal or for ``reset --stale``. With ``grace`` for the
+#: task, a stop takes at most grace + STOP_BUDGET + about a second.
+STOP_BUDGET = 5.0
+#: A task that died of a stop signal the pilot has not received yet: seconds to
+#: wait for the pilot's own copy of it (a batch system signals everything).
+STOP_SIGNAL_WAIT = 1.0
+
+
+class StopBudgetExceeded(BaseException):
+    """Raised in the pilot when the talking after a stop signal took longer than STOP_BUDGET."""
 
 
 class _Lease(object):
-    """The running token: its revision, and the heartbeat that keeps it fresh.
+    """The running token's heartbeat, and the revision this pilot last wrote.
 
-    Every write picas.py makes to the token while it runs goes through here,
-    so the pilot always knows the revision it last wrote. ``claimed`` is the
-    token as it was claimed; ``lost`` is set to the document found when the
-    token was reset or taken by someone else. When user code saves the token
-    itself, a heartbeat that meets the conflict keeps the user's changes and
-    hands the new revision to the running token object.
+    ``lost`` is set to the document found when the token was reset or taken
+    by someone else. While the lease is active, a save of the same token by
+    user code (``db.save(token)`` in ``process_task``) and a heartbeat never
+    overlap (:meth:`Database.save` takes the lease's lock), so user saves
+    never meet a conflict the heartbeat made; a heartbeat after a user save
+    keeps the user's changes and hands the new revision to the token object.
     """
 
-    def __init__(self, db, token, interval):
+    def __init__(self, db, token, claimed, interval):
         self.db = db
         self.task = token
-        self.claimed = Task(dict(token))
+        self.claim_id = claimed.get("claim_id")
         self.rev = token["_rev"]
         self.interval = interval
         self.lost = None
-        self._base = dict(token)
-        self._lock = threading.Lock()
+        self._base = dict(claimed, _rev=token["_rev"])
+        self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = None
+        _active["lease"] = self
         if interval and interval > 0:
             self._thread = threading.Thread(target=self._beat_loop, name="picas-heartbeat")
             self._thread.daemon = True
             self._thread.start()
+
+    def guards(self, database, doc):
+        """True when ``doc`` saved to ``database`` is this lease's token."""
+        return doc.get("_id") == self.task.get("_id") and database.name == self.db.name
 
     def _beat_loop(self):
         while not self._stop.wait(self.interval):
             try:
                 self.beat()
             except Exception as exc:           # never let the heartbeat kill the pilot
-                log.warning("heartbeat of %s failed: %s", self.claimed["_id"], exc)
+                log.warning("heartbeat of %s failed: %s", self.task.get("_id"), exc)
             if self.lost is not None:
                 return
 
     def beat(self):
         """Write ``heartbeat = now`` to the token, on the revision this pilot knows."""
-        with self._lock:
+        with self.lock:
             if self.lost is not None or self._stop.is_set():
                 return
             body = dict(self._base, heartbeat=_now(), _rev=self.rev)
@@ -2268,20 +2829,49 @@ class _Lease(object):
             # revision, or the one user code just saved from it). When someone
             # else wrote in between, it keeps its old revision: the result save
             # then meets the conflict and re-applies the result on top of theirs.
-            if self.task.get("_rev") == based_on:
+            if self.task.get("_rev") == based_on and not self._stop.is_set():
                 self.task["_rev"] = self.rev
                 self.task["heartbeat"] = body["heartbeat"]
 
     def owns(self, current):
         """True while ``current`` (the stored token) still belongs to this claim."""
-        return (current is not None and current.get("claim_id") == self.claimed.get("claim_id")
+        return (current is not None and current.get("claim_id") == self.claim_id
                 and token_state(current) in ("locked", "done", "error"))
 
-    def stop(self):
-        """Stop the heartbeats; when this returns, none is being written or will be."""
+    def stop(self, wait=2.0):
+        """Stop the heartbeats. Waits at most ``wait`` s for one being written right now:
+        one answered later no longer touches the token object (the result save then
+        meets its revision as a conflict, and re-applies)."""
         self._stop.set()
-        with self._lock:            # waits only for a heartbeat being written right now
-            pass
+        if _active.get("lease") is self:
+            _active["lease"] = None
+        if self.lock.acquire(timeout=wait):
+            self.lock.release()
+
+
+class _TokenRun(object):
+    """One claimed token's life in this pilot. ``state`` goes, in order::
+
+        claimed -> running -> finished -> journaled -> saved
+                         |            (or kept: only the journal has it; or
+                         |             in-error-list: another claim had the token)
+                         +-> interrupted -> given-back (or left-locked)
+
+    ``claimed`` is a deep copy of the token as it was claimed: what the
+    result changed is measured against it, nested values included.
+    ``journal_path`` is the local copy of the result while it exists.
+    """
+
+    def __init__(self, db, token, heartbeat):
+        self.token = token
+        self.claimed = _deep_copy(token)
+        self.state = "claimed"
+        self.outcome = None          # finished, timeout, failed or interrupted
+        self.journal_path = None
+        self.lease = _Lease(db, token, self.claimed, heartbeat)
+
+    def __repr__(self):
+        return "_TokenRun(%r, state=%r)" % (self.token.get("_id"), self.state)
 
 
 def _ensure_log_output():
@@ -2311,27 +2901,34 @@ class RunActor(object):
     ``db`` is a :class:`Database`; ``iterator`` defaults to a
     :class:`TaskViewIterator` over ``view`` in ``design_doc``;
     ``token_reset_values`` are the (lock, done) an interrupted token gets
-    back (default todo); ``heartbeat`` is the seconds between heartbeats.
+    back (default todo); ``heartbeat`` is the seconds between heartbeats;
+    ``journal`` the :class:`Journal` (a folder) results wait in until the
+    server holds them (default ``$PICAS_JOURNAL`` or ``./picas-journal``).
 
-    Guarantees:
+    Guarantees (each proven by the test suite; see the README):
 
-    * A token is run only after this pilot's lock write was answered 201.
+    * A token is run only after this pilot's lock write was answered 201, or
+      a lock whose answer was lost or 202 was found, once the cluster was
+      whole, to be the token's only revision. While a cluster answers 202
+      the pilot claims nothing and waits, holding at most one unsure lock.
     * ``max_token_time`` interrupts ``process_task`` (SIGALRM) and kills the
       task's whole process group (SIGTERM, SIGKILL after ``grace``); the token
       gets exit_code 124 and an entry in ``error``.
     * SIGTERM, SIGINT, SIGUSR1 and SIGXCPU stop the pilot: no new claim, the
       running task is stopped, its token goes back to todo (not counted as a
-      scrub), ``cleanup_env`` runs, and ``run`` raises ``SystemExit(128 + N)``.
-      A token whose result was saved is never sent back.
-    * A result that meets a conflict is re-applied while the token is still
-      this pilot's; otherwise it goes into the token's ``error`` list; if the
-      server stays unreachable it is written to a local JSON file. It is
-      never dropped.
+      scrub; also when the task died of the same signal first), ``cleanup_env``
+      runs, and ``run`` raises ``SystemExit(128 + N)`` within about ``grace`` +
+      STOP_BUDGET seconds whatever the server does. A token whose result was
+      saved is never sent back.
+    * A finished result is in the journal (fsynced) before it is sent, and
+      leaves it only once the server holds it; a conflict re-applies it while
+      the token is still this pilot's, otherwise it goes into the token's
+      ``error`` list. The journal is replayed before the first claim.
     """
 
     def __init__(self, db, iterator=None, view="todo", token_reset_values=(0, 0),
                  design_doc="Monitor", heartbeat=DEFAULT_HEARTBEAT, grace=DEFAULT_GRACE,
-                 **view_params):
+                 journal=None, **view_params):
         if isinstance(db, ViewIterator) and hasattr(db, "client"):
             # The old API: RunActor(iterator, modifier).
             iterator, self.modifier, self.client = db, iterator, db.client
@@ -2343,12 +2940,13 @@ class RunActor(object):
         self.token_reset_values = token_reset_values
         self.heartbeat = heartbeat
         self.grace = grace
+        self.journal = journal if isinstance(journal, Journal) else Journal(journal)
         self.current_task = None
         self.tasks_processed = 0
         self.subprocess = None
         self.stop_signal = None
         self._phase = "idle"
-        self._lease = None
+        self._run = None
 
     @property
     def pilot_id(self):
@@ -2387,7 +2985,9 @@ class RunActor(object):
         seconds of ``max_total_time`` remain (a token that cannot finish is not
         started), or ``stop_function(**stop_function_args)`` is true. A failed
         token with ``scrub_count < max_scrub`` goes back to todo with
-        ``scrub_count + 1``.
+        ``scrub_count + 1``. Through a server outage or a degraded cluster the
+        pilot waits (up to OUTAGE_PATIENCE seconds, unless its iterator is
+        endless) and then raises the error.
         """
         if stop_function is None and "maxtime" in stop_function_args:
             maxtime = stop_function_args.pop("maxtime")      # the old API's run(maxtime=...)
@@ -2399,11 +2999,12 @@ class RunActor(object):
             max_total_time = maxtime if maxtime > 0 else None
         _ensure_log_output()
         self._defaults()
-        self._start = time.time()
+        self._start = time.monotonic()
         self._limits = (max_token_time, max_total_time, max_tasks, stop_function,
                         stop_function_args)
         self._max_scrub = max_scrub or 0
         self._max_token_time = max_token_time
+        self._budget_armed = False
         if hasattr(self.iterator, "_configure"):
             self.iterator._configure(lambda: not self._may_claim(),
                                      {"heartbeat_interval": self.heartbeat or 0})
@@ -2411,28 +3012,74 @@ class RunActor(object):
         outer = dict(_active)
         _active.update(grace=self.grace, old_api=self._old_api())
         try:
-            self.prepare_env()
-            while self._may_claim():
-                self._phase = "claiming"
-                try:
-                    task = next(self.iterator)
-                except StopIteration:
-                    break
-                finally:
-                    self._phase = "idle"
-                if isinstance(task, tuple):          # old API: (key, ref, token)
-                    task = task[-1]
-                self._process(task)
-        finally:
-            self._phase = "stopping"
             try:
-                self._give_back_held()
-                self.cleanup_env()
+                self.prepare_env()
+                self._replay_journal()
+                self._loop()
+            except StopBudgetExceeded:
+                log.error("stopping took longer than %.0f s; what was not written is in the "
+                          "journal %s or stays locked for `picas.py reset locked --stale`",
+                          STOP_BUDGET, self.journal.directory)
             finally:
-                self._restore_signal_handlers(saved)
-                _active.update(outer)
+                self._phase = "stopping"
+                try:
+                    self._give_back_held()
+                except StopBudgetExceeded:
+                    log.error("no time left to give back the tokens locked ahead; "
+                              "`picas.py reset locked --stale` frees them")
+                self._disarm_budget()
+                try:
+                    self.cleanup_env()
+                finally:
+                    self.journal.tidy()
+        finally:
+            self._restore_signal_handlers(saved)
+            _active.update(outer)
         if self.stop_signal is not None:
             raise SystemExit(128 + self.stop_signal)
+
+    def _loop(self):
+        outage = None                    # (since, next pause) while the server is away
+        while self._may_claim():
+            self._phase = "claiming"
+            try:
+                task = next(self.iterator)
+            except StopIteration:
+                break
+            except (ServerUnreachable, ServerError, Degraded) as exc:
+                outage = self._wait_out(exc, outage)
+                continue
+            finally:
+                self._phase = "idle"
+            outage = None
+            if isinstance(task, tuple):          # old API: (key, ref, token)
+                task = task[-1]
+            self._process(task)
+
+    def _wait_out(self, exc, outage):
+        """Claiming failed for a reason that passes (outage, degraded cluster): wait, or give up."""
+        now = time.monotonic()
+        since, pause = outage or (now, OUTAGE_PAUSE[0])
+        if now - since > OUTAGE_PATIENCE:
+            log.error("the server stayed unavailable for %.0f s; giving up", now - since)
+            raise exc
+        log.warning("cannot claim now: %s; trying again in about %.0f s", exc, pause)
+        deadline = now + random.uniform(0.75 * pause, pause)
+        while time.monotonic() < deadline and self.stop_signal is None:
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        return since, min(OUTAGE_PAUSE[1], pause * 2)
+
+    def _replay_journal(self):
+        if not self.journal.entries():
+            return
+        log.info("saving results left in the journal %s", self.journal.directory)
+        try:
+            counts = replay_journal(self._db, self.journal, self.pilot_id)
+        except PicasError as exc:
+            log.warning("could not replay the journal now (%s); it is kept", exc)
+            return
+        log.info("journal: %(saved)d saved, %(already)d already there, %(in_error_list)d kept "
+                 "in error lists, %(left)d left, %(deleted)d of deleted tokens set aside" % counts)
 
     def _defaults(self):
         # Old-API subclasses often set their attributes without calling
@@ -2440,9 +3087,11 @@ class RunActor(object):
         for name, value in (("token_reset_values", (0, 0)), ("heartbeat", DEFAULT_HEARTBEAT),
                             ("grace", DEFAULT_GRACE), ("current_task", None),
                             ("tasks_processed", 0), ("subprocess", None), ("stop_signal", None),
-                            ("_phase", "idle"), ("_lease", None)):
+                            ("_phase", "idle"), ("_run", None)):
             if not hasattr(self, name):
                 setattr(self, name, value)
+        if not isinstance(getattr(self, "journal", None), Journal):
+            self.journal = Journal(getattr(self, "journal", None))
 
     def _old_api(self):
         """True for old-API actors: they define process_token(key, token) and save tokens themselves."""
@@ -2458,7 +3107,7 @@ class RunActor(object):
         if max_tasks and self.tasks_processed + finishing >= max_tasks:
             return False
         if max_total_time is not None:
-            remaining = max_total_time - (time.time() - self._start)
+            remaining = max_total_time - (time.monotonic() - self._start)
             if remaining <= 0 or (max_token_time and remaining < max_token_time):
                 log.info("stopping: %.0f s of max_total_time left, max_token_time is %s s",
                          max(0, remaining), max_token_time)
@@ -2470,35 +3119,61 @@ class RunActor(object):
     def _process(self, task):
         """Run one claimed token and save its result (or give it back)."""
         self.current_task = task
-        lease = self._lease = _Lease(self._db, task, self.heartbeat)
-        outcome = "finished"
+        run = self._run = _TokenRun(self._db, task, self.heartbeat)
         try:
-            if self.stop_signal is not None:
-                outcome = "interrupted"          # the signal came while claiming
+            try:
+                if self.stop_signal is not None:
+                    run.outcome = "interrupted"          # the signal came while claiming
+                else:
+                    run.outcome = self._run_hooks(run)
+            finally:
+                run.lease.stop()
+                self.subprocess = None
+            if run.outcome != "interrupted" and self._killed_by_stop(task):
+                log.warning("token %s: the task died of the stop signal the pilot received "
+                            "(exit code %s): not its result", task["_id"], task.get("exit_code"))
+                run.outcome = "interrupted"
+            if run.outcome == "interrupted":
+                run.state = "interrupted"
+                self._arm_budget()
+                self._give_back(run)
+            elif self._old_api():
+                # Old-API actors save their tokens themselves; only a failure is recorded here.
+                run.state = "finished"
+                if run.outcome != "finished":
+                    self._record_failure(run)
+                self.cleanup_run()
+                self.tasks_processed += 1
             else:
-                outcome = self._run_hooks(task)
+                self._finish(run)
+                self.cleanup_run()
+                self.tasks_processed += 1
+        except StopBudgetExceeded:
+            if run.state == "journaled":
+                log.error("token %s: no time left to save the result; it is kept in %s "
+                          "(`picas.py replay` saves it)", task["_id"], run.journal_path)
+            elif run.state in ("claimed", "interrupted"):
+                log.error("token %s: no time left to give it back; it stays locked until "
+                          "`picas.py reset locked --stale` frees it", task["_id"])
+            raise
         finally:
-            lease.stop()
-            self._lease = None
-            self.subprocess = None
-        if outcome == "interrupted":
-            self._give_back(task, lease)
-        elif self._old_api():
-            # Old-API actors save their tokens themselves; only a failure is recorded here.
-            if outcome != "finished":
-                self._record_failure(task, lease)
-            self.cleanup_run()
-            self.tasks_processed += 1
-        else:
-            self._finish(task, lease)
-            self.cleanup_run()
-            self.tasks_processed += 1
-        self.current_task = None
+            self._run = None
 
-    def _run_hooks(self, task):
+    def _killed_by_stop(self, task):
+        """True when the task died of the stop signal this pilot received (or gets in a moment)."""
+        code = _parse_int(task.get("exit_code"))
+        if code is None or not (code - 128 in STOP_SIGNALS or -code in STOP_SIGNALS):
+            return False
+        deadline = time.monotonic() + STOP_SIGNAL_WAIT
+        while self.stop_signal is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.stop_signal is not None and code in (128 + self.stop_signal, -self.stop_signal)
+
+    def _run_hooks(self, run):
         """Call prepare_run and process_task under the timeout; return the outcome."""
+        task = run.token
         timer = self._max_token_time
-        self._phase = "running"
+        run.state = "running"
         try:
             if self.stop_signal is not None:
                 # The signal came after the claim, before the task could be interrupted.
@@ -2512,29 +3187,30 @@ class RunActor(object):
                 self.process_token(task["_id"] if ref is None else ref, task)
             else:
                 self.process_task(task)
-            self._phase = "saving"
+            run.state = "finished"
             return "finished"
         except TaskTimeout:
-            self._phase = "saving"
+            run.state = "finished"
             log.warning("token %s: timed out after %s s (max_token_time)", task["_id"], timer)
             task.error("timed out after %s s (max_token_time); the task was killed" % timer)
             task["exit_code"] = 124
             return "timeout"
         except PilotInterrupted:
-            self._phase = "saving"
+            run.state = "interrupted"
             return "interrupted"
         except PicasError as exc:
-            self._phase = "saving"
+            run.state = "finished"
             log.error("token %s: %s", task["_id"], exc)
             task.error(str(exc))
             return "failed"
         except Exception as exc:
-            self._phase = "saving"
+            run.state = "finished"
             log.exception("token %s: process_task raised %r", task["_id"], exc)
             task.error("process_task raised %r" % (exc,), exc)
             return "failed"
         finally:
-            self._phase = "saving"
+            if run.state == "running":
+                run.state = "finished"
             if timer and hasattr(signal, "setitimer"):
                 signal.setitimer(signal.ITIMER_REAL, 0)
 
@@ -2545,26 +3221,40 @@ class RunActor(object):
         to be recorded, so that a stop signal arriving now lets the result be
         saved instead of sending the token back to todo.
         """
-        if self._phase == "running":
-            self._phase = "saving"
+        run = self._run
+        if run is not None and run.state == "running":
+            run.state = "finished"
             if self._max_token_time and hasattr(signal, "setitimer"):
                 signal.setitimer(signal.ITIMER_REAL, 0)
 
     # -- results ------------------------------------------------------------
 
-    def _finish(self, task, lease):
-        """Mark the token done (scrubbed if it failed and may be retried) and save it."""
+    def _finish(self, run):
+        """Mark the token done (scrubbed if it failed and may be retried), journal it, save it."""
+        task = run.token
         if not _js_number(task.get("done")):
             task["done"] = _now()
         if task.get("exit_code") in ("", None):
             task["exit_code"] = 0
+        problems = find_unstorable(dict((k, v) for k, v in task.items() if k != "_attachments"))
+        if problems:
+            clean = make_storable(dict((k, v) for k, v in task.items() if k != "_attachments"))
+            task.update(clean)
+            message = ("the result holds values JSON cannot hold, stored as text instead: %s"
+                       % "; ".join(problems))
+            log.error("token %s: %s", task["_id"], message)
+            task.error(message)
         failed = token_state(task) == "error"
         if failed and _scrub_count(task) < self._max_scrub:
             log.info("token %s failed (exit code %s): back to todo for attempt %d of %d",
                      task["_id"], task.get("exit_code"), _scrub_count(task) + 2,
                      self._max_scrub + 1)
             Task.scrub(task)
-        self._save_result(task, lease)
+        self._phase = "journaling"        # a stop's time budget waits for this write
+        run.journal_path = self.journal.write(task, run.claimed, self._db, self.pilot_id)
+        self._phase = "saving"
+        run.state = "journaled"
+        self._save_result(run)
 
     def _claim_ahead(self):
         """The claimer that may lock the next token in the same request as this result.
@@ -2575,84 +3265,85 @@ class RunActor(object):
         """
         if self._limits[3] is not None or self._old_api() or not self._may_claim(finishing=1):
             return None
-        return self._ahead_claimer()
-
-    def _ahead_claimer(self):
-        """The iterator's claimer that can claim together with a result save, or None."""
         ahead = getattr(self.iterator, "_ahead", None)
         return ahead() if ahead is not None else None
 
-    def _save_result(self, task, lease):
-        """Save ``task`` on the lease's revision; never drop the result."""
-        deadline = time.time() + RESULT_SAVE_PATIENCE
-        stash = None
+    def _save_result(self, run):
+        """Save the result on the claim's revision; on any failure it stays in the journal.
+
+        Returns the final state: saved, in-error-list or kept.
+        """
+        task, lease = run.token, run.lease
+        deadline = time.monotonic() + RESULT_SAVE_PATIENCE
         ahead = self._claim_ahead()
         while True:
-            if lease.lost is not None:
-                _discard_stash(stash)
-                return self._keep_orphan_result(task, lease.lost)
             try:
-                if ahead is not None:
-                    claimer, ahead = ahead, None          # only the first attempt
-                    claimer.save_and_claim(task)
-                else:
-                    self._db.save(task)
-                if stash:
-                    log.info("the result of %s was saved after all; %s removed",
-                             task["_id"], stash)
-                _discard_stash(stash)
-                return True
-            except Conflict:
+                if lease.lost is not None:
+                    return self._keep_orphan_result(run, lease.lost)
+                conflict = False
+                try:
+                    if ahead is not None:
+                        claimer, ahead = ahead, None          # only the first attempt
+                        claimer.save_and_claim(task)
+                    else:
+                        self._db.save(task)
+                except Conflict:
+                    conflict = True
+                if not conflict:
+                    self.journal.remove(run.journal_path)
+                    run.state = "saved"
+                    return run.state
                 current = self._db.get(task["_id"])
                 if lease.owns(current):
                     # Someone changed another field or added an attachment while
                     # the token was ours: apply our changes on top of theirs.
-                    _reapply(task, lease.claimed, current)
-                    continue
-                lease.lost = current or {}
+                    _reapply(task, run.claimed, current)
+                else:
+                    lease.lost = current or {}
             except (ServerUnreachable, ServerError) as exc:
-                # Keep a local copy while trying: a batch system may kill the
-                # pilot (SIGKILL after its stop signal) before the server is back.
-                stash = stash or _stash_result(task, "the server stayed unreachable: %s" % exc)
-                if time.time() > deadline:
-                    return False
-                log.warning("saving the result of %s failed (%s); trying again", task["_id"], exc)
+                if self.stop_signal is not None or time.monotonic() > deadline:
+                    return self._kept(run, "the server stayed unreachable: %s" % exc)
+                log.warning("saving the result of %s failed (%s); trying again (the journal "
+                            "holds it meanwhile)", task["_id"], exc)
                 time.sleep(random.uniform(*RESULT_RETRY_PAUSE))
             except PicasError as exc:
                 # Refused for good (403 from a validate_doc_update, 413 too large...).
-                _stash_result(task, "the server refused the result: %s" % exc)
-                return False
+                return self._kept(run, "the server refused it: %s" % exc)
 
-    def _keep_orphan_result(self, task, current):
+    def _kept(self, run, why):
+        run.state = "kept"
+        if run.journal_path:
+            log.error("the result of token %s is not in the database (%s); it is kept in %s: "
+                      "`picas.py replay %s` saves it", run.token["_id"], why, run.journal_path,
+                      os.path.dirname(run.journal_path))
+        else:
+            log.error("the result of token %s is not in the database (%s), and the journal "
+                      "could not keep it: it is lost", run.token["_id"], why)
+        return run.state
+
+    def _keep_orphan_result(self, run, current):
         """The token was reset or taken by another pilot: keep our result in its error list."""
-        message = ("pilot %s finished this token (claim %s, exit code %s) after it had been "
-                   "reset or taken by another pilot; the result is kept here"
-                   % (self.pilot_id, task.get("claim_id"), task.get("exit_code")))
-        log.error("token %s: %s", task["_id"], message)
+        task = run.token
         if not current:
-            _stash_result(task, "the token was deleted while it ran")
-            return False
-        entry = {"time": _now(), "message": message, "hostname": _hostname(),
-                 "result": dict((k, v) for k, v in task.items()
-                                if k not in ("_id", "_rev", "_attachments", "error"))}
-        for _ in range(10):
-            errors = current.get("error")
-            current["error"] = (errors if isinstance(errors, list) else
-                                [] if errors in (None, "") else [errors]) + [entry]
-            try:
-                self._db.save(current)
-                return False
-            except Conflict:
-                current = self._db.get(task["_id"])
-                if current is None:
-                    break
-            except PicasError:
-                break
-        _stash_result(task, "the token was reset or taken and could not be annotated")
-        return False
+            if run.journal_path:
+                self.journal.set_aside(run.journal_path, "deleted")
+                run.journal_path += ".deleted"
+            return self._kept(run, "the token was deleted while it ran")
+        try:
+            _keep_in_error_list(self._db, current, task, self.pilot_id)
+        except (ServerUnreachable, ServerError) as exc:
+            return self._kept(run, "the token was reset or taken, and the server went away: "
+                              "%s" % exc)
+        except PicasError as exc:
+            return self._kept(run, "the token was reset or taken and could not be annotated: "
+                              "%s" % exc)
+        self.journal.remove(run.journal_path)
+        run.state = "in-error-list"
+        return run.state
 
-    def _record_failure(self, task, lease):
+    def _record_failure(self, run):
         """Old API: put the error the user code hit into the token, if it is still ours."""
+        task, lease = run.token, run.lease
         errors = task.get("error") if isinstance(task.get("error"), list) else []
         for _ in range(10):
             current = self._db.get(task["_id"])
@@ -2668,19 +3359,26 @@ class RunActor(object):
                 continue
 
     def _give_back_held(self):
-        """Give back a token that was claimed with the last result but will not run."""
-        claimer = self._ahead_claimer()
-        try:
-            held = claimer.give_back_held() if claimer is not None else None
-        except PicasError as exc:
-            log.error("could not check the token locked with the last result (%s); "
-                      "`picas.py reset locked --stale` frees it if it stayed locked", exc)
-            return
-        if held is not None:
-            self._give_back(held, _Lease(self._db, held, 0))
+        """Give back the tokens locked ahead (with the last result, or an unsure lock found ours)."""
+        claimers = self.iterator._claimers() if hasattr(self.iterator, "_claimers") else []
+        for claimer in claimers:
+            self._arm_budget()
+            try:
+                held = claimer.give_back_held()
+            except PicasError as exc:
+                log.error("could not check the token locked with the last result (%s); "
+                          "`picas.py reset locked --stale` frees it if it stayed locked", exc)
+                continue
+            if held is not None:
+                run = _TokenRun(self._db, held, 0)
+                run.lease.stop()
+                run.state = "interrupted"
+                self._give_back(run)
 
-    def _give_back(self, task, lease):
+    def _give_back(self, run):
         """Put an interrupted token back to todo, if it is still this pilot's and unfinished."""
+        task, lease = run.token, run.lease
+
         def unclaimed(doc):
             body = Task(dict(doc))
             body["lock"], body["done"] = self.token_reset_values
@@ -2688,16 +3386,20 @@ class RunActor(object):
                 body.pop(field, None)
             return body
         body = unclaimed(dict(lease._base, _rev=lease.rev))
+        run.state = "left-locked"
         for _ in range(10):
             try:
-                self._db.save(body)
-                log.warning("token %s went back to todo (the pilot was stopped)", task["_id"])
-                return
-            except Conflict:
-                current = self._db.get(task["_id"])
+                try:
+                    self._db.save(body)
+                    run.state = "given-back"
+                    log.warning("token %s went back to todo (the pilot was stopped)", task["_id"])
+                    return
+                except Conflict:
+                    current = self._db.get(task["_id"])
                 if not lease.owns(current) or token_state(current) != "locked":
                     # Taken or reset meanwhile, or finished: user code saved its
                     # result itself (old API). A finished token never goes back.
+                    run.state = "given-back" if current is None else run.state
                     return
                 body = unclaimed(current)
             except PicasError as exc:
@@ -2724,15 +3426,40 @@ class RunActor(object):
         for signum, handler in (saved or {}).items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
+    def _arm_budget(self):
+        """After a stop signal: from now, STOP_BUDGET seconds for talking to the server."""
+        if self.stop_signal is None or getattr(self, "_budget_armed", None) is not False or \
+                not hasattr(signal, "setitimer") or \
+                threading.current_thread() is not threading.main_thread():
+            return
+        self._budget_armed = True
+        signal.setitimer(signal.ITIMER_REAL, STOP_BUDGET)
+
+    def _disarm_budget(self):
+        if getattr(self, "_budget_armed", None) is True and hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
     def _on_stop_signal(self, signum, frame):
         if self.stop_signal is None:
             self.stop_signal = signum
             log.warning("received signal %d: stopping after this token is given back or saved",
                         signum)
-        self._interrupt(PilotInterrupted(signum))
+        run = self._run
+        if run is not None and run.state == "running":
+            self._interrupt(PilotInterrupted(signum))
+        else:
+            self._arm_budget()           # claiming, saving or giving back: bounded from now
 
     def _on_alarm(self, signum, frame):
-        self._interrupt(TaskTimeout("max_token_time passed"))
+        run = self._run
+        if getattr(self, "_budget_armed", None) is True:
+            if self._phase == "journaling":
+                signal.setitimer(signal.ITIMER_REAL, 0.05)     # let the local copy finish
+                return
+            self._budget_armed = None                          # spent: never armed again
+            raise StopBudgetExceeded()
+        if run is not None and run.state == "running":
+            self._interrupt(TaskTimeout("max_token_time passed"))
 
     def _interrupt(self, exc):
         """Raise ``exc`` in the running task's code, once; only while a task runs.
@@ -2740,58 +3467,15 @@ class RunActor(object):
         While a task process is being started, the exception is held for
         run_command() to raise as soon as it knows the process. Once the task
         process of ``run`` has exited (even if not yet waited for), its work is
-        done: the exception is held and dropped, the result saved.
+        done: the exception is held and dropped, the result saved (unless the
+        task died of the stop signal itself: see _killed_by_stop).
         """
-        if self._phase == "running":
-            self._phase = "stopping-task"
-            if _active.get("spawning") or _exited(_active.get("proc")):
-                _active["pending"] = exc
-            else:
-                raise exc
-
-
-def _reapply(task, claimed, current):
-    """Rebuild ``task`` as ``current`` plus the changes ``task`` made to ``claimed``.
-
-    Fields this pilot changed or added win; fields it did not touch keep the
-    other writer's values; new attachments are kept next to the other
-    writer's. The result is written into ``task`` in place, on ``current``'s _rev.
-    """
-    changes = dict((k, v) for k, v in task.items()
-                   if k not in ("_rev", "_attachments") and claimed.get(k, _MISSING) != v)
-    removed = [k for k in claimed if k not in task and k not in ("_rev", "_attachments")]
-    ours = task.get("_attachments") or {}
-    merged = dict(current)
-    merged.update(changes)
-    for key in removed:
-        merged.pop(key, None)
-    attachments = {}
-    for name, info in (current.get("_attachments") or {}).items():
-        attachments[name] = {"stub": True, "content_type": info.get("content_type"),
-                             "length": info.get("length"), "digest": info.get("digest")}
-    attachments.update((name, info) for name, info in ours.items() if not info.get("stub"))
-    if attachments:
-        merged["_attachments"] = attachments
-    task.clear()
-    task.update(merged)
-
-
-def _discard_stash(path):
-    if path:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-
-
-def _stash_result(task, why):
-    """Write a result that could not be saved to ``picas-unsaved-<id>.json`` in the working directory."""
-    path = os.path.abspath("picas-unsaved-%s.json" % quote(str(task.get("_id")), safe=""))
-    with open(path, "w") as fh:
-        json.dump({"why": why, "token": task}, fh, indent=1, sort_keys=True)
-    log.error("the result of token %s could not be saved in the database (%s); it was "
-              "written to %s", task.get("_id"), why, path)
-    return path
+        run = self._run
+        run.state = "stopping-task"
+        if _active.get("spawning") or _exited(_active.get("proc")):
+            _active["pending"] = exc
+        else:
+            raise exc
 
 
 ###############################################################################
@@ -2803,10 +3487,6 @@ _MAX_ARG = 128 * 1024
 #: The longest input: it is an argument and also ``PICAS_TOKEN_INPUT=<input>``
 #: (one string with its terminating NUL).
 _MAX_INPUT = _MAX_ARG - len("PICAS_TOKEN_INPUT=") - 1
-
-
-def _utf8(text):
-    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
 
 
 class CommandActor(RunActor):
@@ -2840,6 +3520,9 @@ class CommandActor(RunActor):
         value = token.get("input")
         arg = value if isinstance(value, str) else json.dumps(value)
         tid = token["_id"]
+        problems = find_unstorable(arg, "input")
+        if problems:
+            raise PicasError("the token cannot be run: %s" % "; ".join(problems))
         size = len(arg.encode("utf-8", "surrogateescape"))
         if size > _MAX_INPUT:
             raise PicasError("the token's input is %d bytes, more than one command-line argument "
@@ -2850,15 +3533,16 @@ class CommandActor(RunActor):
             raise PicasError("the token's input holds a null character (\\0), which no "
                              "command-line argument can hold; keep such data in a file or an "
                              "attachment and put its name in the input")
-        safe = quote(tid, safe="")
+        # Files named after a hash of the id: any id fits in a file name.
+        safe = os.path.basename(self.journal.path_for({"_id": tid}))[:16]
         token_file = os.path.join(self.tmpdir, "token-%s.json" % safe)
-        with open(token_file, "w") as fh:
-            json.dump(token, fh)
-        env = self._task_environment(PICAS_TOKEN_ID=tid, PICAS_TOKEN_INPUT=arg,
-                                     PICAS_TOKEN_FILE=token_file)
+        with open(token_file, "wb") as fh:
+            fh.write(_dumps(token))
+        env = task_environment(self._db, PICAS_TOKEN_ID=tid, PICAS_TOKEN_INPUT=arg,
+                               PICAS_TOKEN_FILE=token_file)
         argv = [_utf8(a) for a in self.command + [arg, tid]]
         paths = [os.path.join(self.tmpdir, "logs_%s.%s" % (safe, ext)) for ext in ("out", "err")]
-        started = time.time()
+        started = time.monotonic()
         try:
             with open(paths[0], "wb") as out, open(paths[1], "wb") as err:
                 code = run_command(argv, stdout=out, stderr=err, env=env, grace=self.grace,
@@ -2874,31 +3558,7 @@ class CommandActor(RunActor):
                 except OSError:
                     pass
             os.remove(token_file)
-            token["run_seconds"] = round(time.time() - started, 3)
-
-    def _task_environment(self, **extra):
-        """The pilot's environment without the password, plus ``extra``, as UTF-8 bytes.
-
-        Bytes, so that non-ASCII inputs work under any locale (Python 3.6
-        would encode str values as ASCII under LC_ALL=C). Variables holding
-        the password (PICAS_PASSWORD, a URL with credentials...) are dropped;
-        PICAS_HOST_URL is passed on without credentials.
-        """
-        secret = getattr(self._db.server, "_secret", None)
-        secret = _utf8(secret) if secret else None
-        environ = getattr(os, "environb", None)
-        if environ is None:
-            environ = dict((_utf8(k), _utf8(v)) for k, v in os.environ.items())
-        env = {}
-        for key, value in environ.items():
-            if key == b"PICAS_HOST_URL":
-                value = _utf8(redact_url(value.decode("utf-8", "surrogateescape")))
-            if key == b"PICAS_PASSWORD" or (secret and secret in value):
-                continue
-            env[key] = value
-        for key, value in extra.items():
-            env[_utf8(key)] = _utf8(value)
-        return env
+            token["run_seconds"] = round(time.monotonic() - started, 3)
 
     def cleanup_run(self):
         token = self.current_task
@@ -2975,6 +3635,12 @@ def push_tokens(db, lines=None, tokens=None, id_prefix="token", batch=500):
         token.update(body)
         token.setdefault("_id", "%s-%d" % (id_prefix, number))
         token.pop("_rev", None)
+        problems = find_unstorable(token)
+        if problems:
+            report["failed"] += 1
+            report["errors"].append("token %d (id %s): %s; fix it in the input" % (
+                number, make_storable(token["_id"]), "; ".join(problems)))
+            continue
         pending.append(token)
         if len(pending) >= batch:
             flush()
@@ -3277,6 +3943,7 @@ class BasicViewIterator(ViewIterator):
     pilot_id = property(lambda self: self._claimer.pilot_id)
     stats = property(lambda self: self._claimer.stats)
     _configure = TaskViewIterator._configure
+    _claimers = TaskViewIterator._claimers
 
     def claim_task(self):
         return self._claimer.claim()
@@ -3299,10 +3966,10 @@ class Timer(object):
         self.reset()
 
     def elapsed(self):
-        return time.time() - self.start
+        return time.monotonic() - self.start
 
     def reset(self):
-        self.start = time.time()
+        self.start = time.monotonic()
 
 
 def time_elapsed(timer, max=30.0):
@@ -3409,6 +4076,7 @@ examples:
   python picas.py status --watch 10
   python picas.py reset locked --stale           free tokens of dead pilots
   python picas.py reset error --yes              retry failed tokens
+  python picas.py replay picas-journal           save results a killed pilot left
 
 exit status: 0 done, 1 error, 2 bad usage or settings, 3 no work found
 (run), 128+N stopped by signal N (run).
@@ -3578,8 +4246,16 @@ def _build_parser():
                    help="seconds between SIGTERM and SIGKILL for a task (default: %(default)s)")
     p.add_argument("--log-limit", type=_number(int, 0), default=DEFAULT_LOG_LIMIT, metavar="BYTES",
                    help="bytes of each log kept in the token (default: %(default)s)")
+    p.add_argument("--journal", metavar="DIR",
+                   help="folder where finished results wait until the server holds them "
+                   "(default: $PICAS_JOURNAL or ./%s)" % DEFAULT_JOURNAL)
     p.add_argument("task", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="save the results a pilot left in its journal")
+    p.add_argument("journal", nargs="?", metavar="DIR",
+                   help="the journal folder (default: $PICAS_JOURNAL or ./%s)" % DEFAULT_JOURNAL)
+    p.set_defaults(func=cmd_replay)
 
     for name, what in (("reset", "send tokens in a view back to todo"),
                        ("delete", "delete the tokens in a view")):
@@ -3824,15 +4500,24 @@ def cmd_status(args, db):
         while True:
             counts = count_states(db, args.design_doc)
             conflicted = conflicted_tokens(db)
+            uncertain = sorted(set(note["uncertain"] for note in db.pilot_notes()
+                                   if note.get("uncertain")))
             if args.json:
                 print(json.dumps(counts, sort_keys=True), flush=True)
                 if conflicted:
                     log.warning("%d tokens have conflicting revisions (a CouchDB cluster "
                                 "split): `reset locked --stale` repairs them", len(conflicted))
+                if uncertain:
+                    log.warning("%d tokens have a lock whose outcome a pilot does not know yet "
+                                "(a degraded cluster answered 202): %s", len(uncertain),
+                                ", ".join(uncertain[:10]))
             else:
                 total = sum(counts.values())
                 line = "todo %(todo)d  locked %(locked)d  done %(done)d  error %(error)d" % counts
                 line += "  (%d tokens)" % total
+                if uncertain:
+                    line += "  UNCERTAIN %d (%s%s: pilots wait for the cluster)" % (
+                        len(uncertain), ", ".join(uncertain[:3]), "..." if len(uncertain) > 3 else "")
                 if conflicted:
                     line += "  CONFLICTED %d (reset locked --stale repairs them)" % len(conflicted)
                 elif conflicted is None and first is None:
@@ -3899,7 +4584,8 @@ def cmd_run(args, db):
     view = args.view if "/" in args.view else "%s/%s" % (args.design_doc, args.view)
     total_rows = db.view(view, limit=0).get("total_rows")
     actor = CommandActor(db, command, log_limit=args.log_limit, view=args.view,
-                         design_doc=args.design_doc, heartbeat=args.heartbeat, grace=args.grace)
+                         design_doc=args.design_doc, heartbeat=args.heartbeat, grace=args.grace,
+                         journal=args.journal)
     if args.endless:
         actor.iterator = EndlessViewIterator(actor.iterator, sleep_sec=args.sleep)
     # Pilots starting together then spread over the view from their first read.
@@ -3916,6 +4602,27 @@ def cmd_run(args, db):
              actor.tasks_processed, actor.results["done"], actor.results["error"],
              actor.results["todo"])
     return EXIT_OK if actor.tasks_processed else EXIT_NO_WORK
+
+
+def cmd_replay(args, db):
+    """Save the results left in a journal folder; exit 1 while some stay."""
+    _require_db(db)
+    journal = Journal(args.journal)
+    if not os.path.isdir(journal.directory):
+        raise UsageError("%s is not a folder: name the journal folder a pilot left "
+                         "(default ./%s)" % (journal.directory, DEFAULT_JOURNAL))
+    waiting = len(journal.entries())
+    counts = replay_journal(db, journal)
+    print("replayed %d journal entries from %s: %d saved, %d already in the database, %d kept "
+          "in the error list of a token another claim had, %d of deleted tokens set aside, "
+          "%d left" % (waiting, journal.directory, counts["saved"], counts["already"],
+                       counts["in_error_list"], counts["deleted"], counts["left"]))
+    if counts["left"]:
+        print("picas.py: %d entries stay in %s (see the messages above); run replay again "
+              "later" % (counts["left"], journal.directory), file=sys.stderr)
+        return EXIT_ERROR
+    journal.tidy()
+    return EXIT_OK
 
 
 def cmd_reset(args, db):
@@ -4003,7 +4710,13 @@ def _pilot_as_module(argv):
         ("-I", isolated), ("-E", flags.ignore_environment and not isolated),
         ("-S", flags.no_site), ("-s", flags.no_user_site and not isolated),
         ("-B", flags.dont_write_bytecode), ("-O", flags.optimize == 1),
-        ("-OO", flags.optimize >= 2)) if on]
+        ("-OO", flags.optimize >= 2),
+        ("-u", getattr(sys.stdout, "write_through", False) and
+         not os.environ.get("PYTHONUNBUFFERED"))) if on]
+    for name, value in getattr(sys, "_xoptions", {}).items():
+        options += ["-X", name if value is True else "%s=%s" % (name, value)]
+    for warning in sys.warnoptions:
+        options += ["-W", warning]
     try:
         sys.stdout.flush()
         sys.stderr.flush()

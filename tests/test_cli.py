@@ -10,6 +10,7 @@ of the databases it used.
 import base64
 import collections
 import io
+import glob
 import json
 import logging
 import os
@@ -1454,9 +1455,11 @@ def test_a_refused_result_write_is_not_dropped(cli, tdb, tmp_path):
               "function(newDoc, oldDoc, userCtx) {\n"
               "  if (newDoc.done > 0) { throw({forbidden: 'results go elsewhere'}); }\n}\n"})
     make_tokens(tdb, ["a"])
-    cli("run", "--heartbeat", "0", *sh('echo "precious result"'))
-    unsaved = os.path.join(str(tmp_path), "picas-unsaved-t-1.json")
-    assert states(tdb)["t-1"] != "locked" or os.path.exists(unsaved)
-    if os.path.exists(unsaved):
-        stashed = json.load(open(unsaved))["token"]
-        assert stashed["exit_code"] == 0
+    result = cli("run", "--heartbeat", "0", *sh('echo "precious result"'))
+    # Refused for good: the token stays locked and the result waits in the journal.
+    assert states(tdb)["t-1"] == "locked"
+    entries = glob.glob(os.path.join(str(tmp_path), "picas-journal", "*.json"))
+    assert len(entries) == 1, entries
+    kept = json.load(open(entries[0]))["result"]
+    assert kept["exit_code"] == 0 and kept["_id"] == "t-1"
+    assert "picas.py replay" in result.err and "results go elsewhere" in result.err

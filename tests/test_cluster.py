@@ -1,9 +1,10 @@
 """Exactly-once on a CouchDB cluster: only a 201 is a claim; split tokens are repaired.
 
-A real cluster is not available here, so a proxy in front of the test server
-answers 202 Accepted for chosen lock writes (what a cluster node says when the
-write reached fewer copies than the quorum), and conflicting revisions are
-planted with ``_bulk_docs`` and ``new_edits=false``, as a split leaves them.
+Simulated here, on any server (tests/test_real_cluster.py has the real 3-node
+cluster): a proxy in front of the test server answers 202 Accepted for chosen
+lock writes (what a cluster node says when the write reached fewer copies than
+the quorum), and conflicting revisions are planted with ``_bulk_docs`` and
+``new_edits=false``, as a race or a split leaves them.
 """
 import json
 import time
@@ -36,17 +37,24 @@ def writes_to(requests, token_id):
     return out
 
 
-def accept_lock_writes_of(token_ids, seen):
+def accept_lock_writes_of(token_ids, seen, db=None):
     """A FaultServer action: forward every request; answer 202 to lock writes of ``token_ids``.
 
     That is what a cluster node answers when the write reached fewer copies
-    than its quorum; for _bulk_docs, when any of its writes did.
+    than its quorum; for _bulk_docs, when any of its writes did. With ``db``,
+    a rival pilot's lock is planted next to each such write, as the race that
+    makes a healthy cluster answer 202 leaves it (one 201 writer, one 202).
     """
     def action(fault, request):
         status, headers, body = fault.forward(request)
         hit = [i for i in lock_ids(request) if i in token_ids]
         if hit and status == 201:
             seen.extend(hit)
+            if db is not None:
+                docs = [request.json()] if request.method == "PUT" else request.json()["docs"]
+                for doc in docs:
+                    if doc["_id"] in hit:
+                        plant_rival_leaf(db, doc["_id"], doc["_rev"])
             return ("raw", 202, body, dict(headers, **{"Content-Type": "application/json"}))
         return ("raw", status, body, headers)
     return action
@@ -56,7 +64,8 @@ def test_a_lock_answered_202_is_not_a_claim(couch, db):
     ensure_views(db)
     make_tokens(db, ["a", "b", "c"])
     seen = []
-    with FaultServer(upstream=couch.url, default=accept_lock_writes_of({"t-2"}, seen)) as proxy:
+    with FaultServer(upstream=couch.url,
+                     default=accept_lock_writes_of({"t-2"}, seen, db)) as proxy:
         proxy_db = picas.Server(proxy.url, couch.username, couch.password).database(db.name)
         it = picas.TaskViewIterator(proxy_db, "todo")
         claimed = sorted(t["_id"] for t in it)
@@ -78,7 +87,7 @@ def test_a_pilot_never_runs_a_token_it_got_202_for(couch, db, tmp_path):
         seen = []
         log = tmp_path / ("ran-" + victim)
         with FaultServer(upstream=couch.url,
-                         default=accept_lock_writes_of({victim}, seen)) as proxy:
+                         default=accept_lock_writes_of({victim}, seen, db)) as proxy:
             proxy_db = picas.Server(proxy.url, couch.username, couch.password).database(db.name)
             actor = picas.CommandActor(proxy_db, ["sh", "-c", 'echo "$2" >> %s' % log, "sh"],
                                        heartbeat=0)
@@ -98,6 +107,25 @@ def test_a_pilot_never_runs_a_token_it_got_202_for(couch, db, tmp_path):
                 doc = db.get(doc_id)
                 db.save(picas.scrub_token(doc))
     assert set(states(db).values()) == {"todo", "locked"}
+
+
+def test_a_lock_answered_202_that_a_whole_cluster_shows_as_the_only_leaf_is_a_claim(couch, db):
+    """A 202 whose write, once a probe write is answered 201, is the token's only revision:
+    nobody else can hold the token, so it is this pilot's (a lost race leaves a rival leaf)."""
+    ensure_views(db)
+    make_tokens(db, ["a", "b", "c"])
+    seen = []
+    with FaultServer(upstream=couch.url, default=accept_lock_writes_of({"t-2"}, seen)) as proxy:
+        proxy_db = picas.Server(proxy.url, couch.username, couch.password).database(db.name)
+        it = picas.TaskViewIterator(proxy_db, "todo")
+        claimed = sorted(t["_id"] for t in it)
+        probes = [r for r in proxy.requests if "/_local/picas-pilot-" in r.path
+                  and r.method == "PUT"]
+    assert seen == ["t-2"] and claimed == ["t-1", "t-2", "t-3"]
+    assert it.stats.claims == 3 and it.stats.accepted == 0
+    assert probes and probes[0].json()["uncertain"] == "t-2"      # status could see it
+    assert probes[-1].json()["uncertain"] is None                 # and the note is cleared
+    assert len(db.live_leaves("t-2")) == 1
 
 
 def plant_split(db, token_id, leaves):
@@ -229,7 +257,7 @@ def test_a_lock_whose_answer_was_lost_next_to_a_rival_leaf_is_not_a_claim(couch,
         proxy_db = picas.Server(proxy.url, couch.username, couch.password).database(db.name)
         it = picas.TaskViewIterator(proxy_db, "todo")
         claimed = [t["_id"] for t in it]
-        puts = [r for r in proxy.requests if r.method == "PUT"]
+        puts = [r for r in proxy.requests if r.method == "PUT" and "/t-1" in r.path]
     assert split == ["t-1"] and claimed == []
     assert it.stats.claims == 0 and it.stats.accepted == 1
     assert len(puts) == 2                      # the lost one and its retry; nothing after

@@ -195,7 +195,10 @@ def attachment(db, tid, ext="out"):
 
 
 def unsaved_files(folder):
-    return [n for n in os.listdir(str(folder)) if n.startswith("picas-unsaved-")]
+    """Results waiting in the journal of a pilot that ran in ``folder``."""
+    journal = os.path.join(str(folder), "picas-journal")
+    return sorted(n for n in os.listdir(journal) if n.endswith(".json")) \
+        if os.path.isdir(journal) else []
 
 
 def proc_stat(pid):
