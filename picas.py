@@ -4711,7 +4711,8 @@ def _pilot_as_module(argv):
         ("-S", flags.no_site), ("-s", flags.no_user_site and not isolated),
         ("-B", flags.dont_write_bytecode), ("-O", flags.optimize == 1),
         ("-OO", flags.optimize >= 2),
-        ("-u", getattr(sys.stdout, "write_through", False) and
+        # -u leaves stdout without a buffer (PYTHONUNBUFFERED travels by itself).
+        ("-u", type(getattr(sys.stdout, "buffer", None)).__name__ == "FileIO" and
          not os.environ.get("PYTHONUNBUFFERED"))) if on]
     for name, value in getattr(sys, "_xoptions", {}).items():
         options += ["-X", name if value is True else "%s=%s" % (name, value)]

@@ -61,4 +61,8 @@ done
 #   module load Python
 echo "pilot ${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID:-?} on $(hostname) at $(date)"
 
-exec python3 "$PICAS" run --max-time "$MAX_TIME" -- "$TASK"
+# Results wait in picas-journal/ of the submission folder until the server
+# holds them (a pilot killed right after a task, or a server that stayed away):
+# every pilot of the array saves what it finds there before it claims, and
+# `python3 picas.py replay picas-journal` does it by hand.
+exec python3 "$PICAS" run --max-time "$MAX_TIME" --journal picas-journal -- "$TASK"

@@ -84,7 +84,7 @@ trap 'forward INT INT' INT
 trap 'forward HUP TERM' HUP
 trap 'forward USR1 USR1' USR1
 trap 'forward XCPU XCPU' XCPU
-"$PYTHON" picas.py run --max-time "$MAX_TIME" -- "$TASK" &
+"$PYTHON" picas.py run --max-time "$MAX_TIME" --journal picas-journal -- "$TASK" &
 pilot=$!
 [ -n "$signalled" ] && kill -"$signalled" "$pilot" 2>/dev/null
 
@@ -101,6 +101,15 @@ if [ -n "$signalled" ]; then
     rc=$?
     [ "$rc" -ne 127 ] && status=$rc
 fi
+
+# Results a pilot could not hand to the server (it was killed, the server was
+# away) wait in picas-journal/: ship them back in the OutputSandbox (always
+# present, empty or not); `python3 picas.py replay picas-journal` after
+# `tar -xf picas-journal.tar` saves them from any machine.
+mkdir -p picas-journal
+tar -cf picas-journal.tar picas-journal 2>/dev/null || : > picas-journal.tar
+left=$(ls picas-journal | grep -c '\.json$')
+[ "$left" -gt 0 ] && echo "startpilot.sh: $left results wait in picas-journal.tar (OutputSandbox)" >&2
 
 echo "=== pilot exited with status $status at $(date)"
 exit "$status"

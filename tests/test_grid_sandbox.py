@@ -58,6 +58,18 @@ def test_startpilot_runs_the_quick_example_from_a_bare_sandbox(couch, db, tmp_pa
         assert "this is token %s" % letter in log and "token:    %s" % tid in log
     assert db.get(ids[3])["exit_code"] == 7
     assert couch.password not in out + err
+    # Every file the JDL's OutputSandbox names exists, the (empty) journal included.
+    import re
+    with open(os.path.join(ROOT, "grid-sandbox", "grid-example.jdl")) as fh:
+        outputs = re.findall(r'"([^"]+)"', re.search(r"OutputSandbox = \{([^}]*)\}",
+                                                   fh.read()).group(1))
+    assert "picas-journal.tar" in outputs
+    for name in outputs:
+        if name not in ("pilot.out", "pilot.err"):     # DIRAC's own redirections
+            assert (work / name).exists(), name
+    import tarfile
+    with tarfile.open(str(work / "picas-journal.tar")) as tar:
+        assert [m.name for m in tar.getmembers()] == ["picas-journal"]
 
 
 def test_startpilot_passes_sigterm_on_and_the_token_goes_back(couch, db, tmp_path):
