@@ -37,7 +37,8 @@ or use the Python API that upstream ``picas`` users know::
                                      "user", password), "mydb")
 
 The file reads top to bottom: compatibility, errors, the CouchDB HTTP client,
-tokens, claiming, the actor loop, admin operations and the command line.
+tokens, claiming, running tasks, the result journal, the actor loop, admin
+operations and the command line.
 """
 
 __version__ = "0.1.0"
@@ -2852,14 +2853,16 @@ class _Lease(object):
 class _TokenRun(object):
     """One claimed token's life in this pilot. ``state`` goes, in order::
 
-        claimed -> running -> finished -> journaled -> saved
-                         |            (or kept: only the journal has it; or
-                         |             in-error-list: another claim had the token)
-                         +-> interrupted -> given-back (or left-locked)
+        claimed -> running -> finished -> journaling -> journaled -> saved
+                         |                   (or kept: only the journal has it;
+                         |                    in-error-list: another claim had it)
+                         +-> stopping-task -> interrupted -> given-back
+                                                             (or left-locked)
 
-    ``claimed`` is a deep copy of the token as it was claimed: what the
-    result changed is measured against it, nested values included.
-    ``journal_path`` is the local copy of the result while it exists.
+    A stop signal interrupts only ``running``; its time budget waits for
+    ``journaling``. ``claimed`` is a deep copy of the token as it was
+    claimed: what the result changed is measured against it, nested values
+    included. ``journal_path`` is the local copy of the result while it exists.
     """
 
     def __init__(self, db, token, heartbeat):
@@ -3250,9 +3253,8 @@ class RunActor(object):
                      task["_id"], task.get("exit_code"), _scrub_count(task) + 2,
                      self._max_scrub + 1)
             Task.scrub(task)
-        self._phase = "journaling"        # a stop's time budget waits for this write
+        run.state = "journaling"          # a stop's time budget waits for this write
         run.journal_path = self.journal.write(task, run.claimed, self._db, self.pilot_id)
-        self._phase = "saving"
         run.state = "journaled"
         self._save_result(run)
 
@@ -3361,6 +3363,11 @@ class RunActor(object):
     def _give_back_held(self):
         """Give back the tokens locked ahead (with the last result, or an unsure lock found ours)."""
         claimers = self.iterator._claimers() if hasattr(self.iterator, "_claimers") else []
+        if getattr(self, "_budget_armed", False) is None:
+            if any(c._held is not None or c.unsure is not None for c in claimers):
+                log.error("no time left to give back the token locked ahead; "
+                          "`picas.py reset locked --stale` frees it")
+            return
         for claimer in claimers:
             self._arm_budget()
             try:
@@ -3453,7 +3460,7 @@ class RunActor(object):
     def _on_alarm(self, signum, frame):
         run = self._run
         if getattr(self, "_budget_armed", None) is True:
-            if self._phase == "journaling":
+            if run is not None and run.state == "journaling":
                 signal.setitimer(signal.ITIMER_REAL, 0.05)     # let the local copy finish
                 return
             self._budget_armed = None                          # spent: never armed again
