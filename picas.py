@@ -4494,6 +4494,65 @@ def _parse_json_tokens(text, name):
     return items
 
 
+class _IndexWatch(object):
+    """Says so while a view query waits for CouchDB to build the view's index.
+
+    A first query of a view on a large pool makes CouchDB index every token
+    first (seconds to many minutes, in silence). After ``quiet`` seconds
+    this logs that it is waiting, and then, every ``every`` seconds, the
+    indexer's progress from ``_active_tasks`` where the server shows it
+    (CouchDB does to admins). Used as ``with _IndexWatch(db, "Monitor"):``.
+    """
+
+    def __init__(self, db, design, quiet=2.0, every=10.0):
+        self.db, self.design = db, design
+        self.quiet, self.every = quiet, every
+        self._done = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._watch, name="picas-index-watch")
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+
+    def progress(self):
+        """``(percent, changes done, changes in all)`` of the indexers of this design, or None."""
+        try:
+            tasks = self.db.server.request("GET", "/_active_tasks", retry=False, timeout=5)[2]
+        except PicasError:
+            return None
+        done = total = 0
+        found = False
+        for task in tasks if isinstance(tasks, list) else []:
+            shard = str(task.get("database", ""))
+            if task.get("type") == "indexer" and \
+                    task.get("design_document") == "_design/" + self.design and \
+                    (shard == self.db.name or shard.rsplit("/", 1)[-1].split(".")[0] == self.db.name):
+                found = True
+                done += int(task.get("changes_done") or 0)
+                total += int(task.get("total_changes") or 0)
+        if not found:
+            return None
+        return (100.0 * done / total if total else 0.0), done, total
+
+    def _watch(self):
+        if self._done.wait(self.quiet):
+            return
+        log.info("waiting for CouchDB to build the index of _design/%s in %s (a first query "
+                 "of a large pool indexes every token once; this can take minutes)",
+                 self.design, self.db.name)
+        while True:
+            progress = self.progress()
+            if progress is not None:
+                log.info("indexing _design/%s: %.0f%% (%d of %d changes)", self.design, *progress)
+            if self._done.wait(self.every):
+                return
+
+
 def cmd_status(args, db):
     """Counts per state; with --watch a progress line (finished of total, rate, ETA).
 
@@ -4505,7 +4564,8 @@ def cmd_status(args, db):
     first = None
     try:
         while True:
-            counts = count_states(db, args.design_doc)
+            with _IndexWatch(db, args.design_doc):
+                counts = count_states(db, args.design_doc)
             conflicted = conflicted_tokens(db)
             uncertain = sorted(set(note["uncertain"] for note in db.pilot_notes()
                                    if note.get("uncertain")))
@@ -4589,7 +4649,8 @@ def cmd_run(args, db):
     _require_db(db)
     # Fail before claiming anything when the view does not exist.
     view = args.view if "/" in args.view else "%s/%s" % (args.design_doc, args.view)
-    total_rows = db.view(view, limit=0).get("total_rows")
+    with _IndexWatch(db, view.partition("/")[0]):
+        total_rows = db.view(view, limit=0).get("total_rows")
     actor = CommandActor(db, command, log_limit=args.log_limit, view=args.view,
                          design_doc=args.design_doc, heartbeat=args.heartbeat, grace=args.grace,
                          journal=args.journal)
