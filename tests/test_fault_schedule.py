@@ -190,12 +190,12 @@ def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice(couch, db,
                 stopped.append((victim.pid, kind))
                 if kind.endswith("both"):
                     for child in _children(victim.pid):
-                        if "task.py" in open("/proc/%d/cmdline" % child, "rb").read().decode(
-                                "utf-8", "replace"):
-                            try:
-                                os.kill(child, signum)
-                            except OSError:
-                                pass
+                        try:
+                            with open("/proc/%d/cmdline" % child, "rb") as fh:
+                                if b"task.py" in fh.read():
+                                    os.kill(child, signum)
+                        except OSError:
+                            pass                      # it ended meanwhile
                     time.sleep(rng.choice([0.0, 0.01, 0.2]))
                 victim.send(signum)
             time.sleep(0.05)
