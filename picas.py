@@ -2045,6 +2045,11 @@ class PrioritizedViewIterator(ViewIterator):
             claimer.lock_fields = lock_fields
 
     def claim_task(self):
+        for claimer in (self._high, self._low):      # at most one unsure lock, in either
+            if claimer.unsure is not None:
+                token = claimer.resolve_unsure()
+                if token is not None:
+                    return token
         return self._high.claim() or self._low.claim()
 
     def _claimers(self):
@@ -2295,18 +2300,20 @@ def _stop_group(proc, grace):
     except OSError:
         pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if proc.poll() is not None and not _group_alive(pgid):
-            break
-        time.sleep(0.05)
-    else:
-        log.warning("task process group %d still alive %.0f s after SIGTERM: sending SIGKILL",
-                    pgid, grace)
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-    proc.wait()
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_alive(pgid):
+                break
+            time.sleep(0.05)
+        else:
+            log.warning("task process group %d still alive %.0f s after SIGTERM: sending "
+                        "SIGKILL", pgid, grace)
+    finally:                    # whatever interrupts the wait, nothing of the task survives
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
 
 
 def _utf8(text):
@@ -2408,7 +2415,8 @@ def run_command(argv, stdout=None, stderr=None, cwd=None, env=None, grace=DEFAUL
             # A stop that came after the task had exited was held: its work is kept.
             _active["proc"] = None
             _active.pop("pending", None)
-        _Watchdog.tell("-%d\n" % proc.pid)
+        if not _group_alive(proc.pid):
+            _Watchdog.tell("-%d\n" % proc.pid)     # else the watchdog still guards it
     return _signal_exit_code(returncode)
 
 
@@ -2495,6 +2503,7 @@ class Journal(object):
         return "Journal(%r)" % self.directory
 
     def path_for(self, token):
+        """The entry's file: a hash of the token id, and the claim (``token`` as claimed)."""
         import hashlib
         digest = hashlib.sha1(_utf8(str(token.get("_id")))).hexdigest()[:16]
         claim = "".join(c for c in str(token.get("claim_id") or "") if c.isalnum())[:12]
@@ -2508,9 +2517,9 @@ class Journal(object):
         """
         entry = {"picas_journal": 1, "written": _now(), "database": database.name,
                  "server": database.server.url, "pilot_id": pilot_id,
-                 "claim_id": token.get("claim_id"), "result": token,
+                 "claim_id": claimed.get("claim_id"), "result": token,
                  "claimed": dict((k, v) for k, v in claimed.items() if k != "_attachments")}
-        path = self.path_for(token)
+        path = self.path_for(claimed)      # the claim names it: a scrubbed result has none
         tmp = "%s.%s.tmp" % (path, new_id()[:8])
         try:
             data = _dumps(entry)
@@ -2592,15 +2601,13 @@ def _fsync_dir(directory):
 def replay_journal(db, journal, pilot_id=None):
     """Save the results waiting in ``journal`` that belong to ``db``; return counts.
 
-    For each entry the token is read: still locked by the entry's claim, the
-    result is written on top (changes others made meanwhile kept); already
-    holding that claim's result, the entry is just removed; back in todo
-    with the same input and nobody running it (``reset --stale`` freed it),
-    the result is written too, so the work is not done twice; taken or
-    finished by another claim, the result goes into the token's ``error``
-    list and nothing is overwritten. Nothing is ever run. Entries stay while
-    the server is away or refuses them. Returns a dict with ``saved``,
-    ``already``, ``in_error_list``, ``left`` and ``deleted``.
+    Each entry is settled as :func:`_settle_result` says: written on top of
+    the token while its claim still holds it or ``reset`` freed it since,
+    dropped when the token already holds it, kept in the token's ``error``
+    list when another claim has the token; nothing newer is ever
+    overwritten and nothing is run. Entries stay while the server is away or
+    refuses them. Returns a dict with ``saved``, ``already``,
+    ``in_error_list``, ``left`` and ``deleted``.
     """
     counts = dict.fromkeys(("saved", "already", "in_error_list", "left", "deleted"), 0)
     for path in journal.entries():
@@ -2619,7 +2626,7 @@ def replay_journal(db, journal, pilot_id=None):
                       entry.get("database"))
             continue
         try:
-            outcome = _replay_entry(db, result, claimed, pilot_id or entry.get("pilot_id"))
+            outcome = _settle_result(db, result, claimed, entry.get("pilot_id") or pilot_id)
         except (ServerUnreachable, ServerError) as exc:
             log.warning("replaying the journal stopped: %s; %s stays for a later replay",
                         exc, path)
@@ -2644,22 +2651,55 @@ def replay_journal(db, journal, pilot_id=None):
     return counts
 
 
-def _replay_entry(db, result, claimed, pilot_id):
+def _rev_number(doc):
+    try:
+        return int(str(doc.get("_rev", "0")).split("-", 1)[0])
+    except ValueError:
+        return 0
+
+
+def _freed_since(current, claimed):
+    """True when ``current`` is ``claimed`` sent back to todo once by ``reset`` and run by nobody."""
+    return (token_state(current) == "todo" and not current.get("claim_id")
+            and current.get("input") == claimed.get("input")
+            and _scrub_count(current) == _scrub_count(claimed) + 1
+            and _rev_number(current) > _rev_number(claimed))
+
+
+def _settle_result(db, result, claimed, pilot_id):
+    """Write ``result`` of the claim ``claimed`` where it belongs; return what happened.
+
+    The claim is ``claimed["claim_id"]`` (the result itself may have lost it
+    to a scrub). ``saved``: the token was still locked by that claim, or was
+    freed by ``reset`` since and run by nobody (then the result is written
+    whole, lock and claim included, so the token is in the done or error
+    view and the work is not done twice); ``already``: the token holds that
+    claim's result, or the result was itself a scrub back to todo and the
+    token is in todo; ``in_error_list``: another claim has or finished the
+    token, which keeps its state and gets the result in its ``error`` list;
+    ``deleted``: the token is gone.
+    """
+    claim = claimed.get("claim_id")
     for _ in range(10):
         current = db.get(result["_id"])
         if current is None:
             return "deleted"
-        same_claim = current.get("claim_id") == result.get("claim_id")
         state = token_state(current)
+        same_claim = claim is not None and current.get("claim_id") == claim
         if same_claim and state in ("done", "error"):
             return "already"
-        freed = (state == "todo" and not current.get("claim_id")
-                 and current.get("input") == claimed.get("input"))
+        freed = _freed_since(current, claimed)
+        if token_state(result) == "todo" and state == "todo" and not current.get("claim_id"):
+            return "already"          # a scrub: the token is back in todo either way
         if not (same_claim and state == "locked") and not freed:
             _keep_in_error_list(db, current, result, pilot_id)
             return "in_error_list"
         body = dict(result)
         _reapply(body, claimed, current)
+        if freed:
+            for field in ("lock", "done", "hostname", "exit_code") + _CLAIM_FIELDS + _JOB_ID_FIELDS:
+                if field in result:
+                    body[field] = result[field]
         try:
             db.save(body)
             return "saved"
@@ -2702,6 +2742,10 @@ def _reapply(task, claimed, current):
     """
     changes = dict((k, v) for k, v in task.items()
                    if k not in ("_rev", "_attachments") and claimed.get(k, _MISSING) != v)
+    if isinstance(changes.get("error"), list) and isinstance(current.get("error"), list):
+        # Both added errors (another pilot's result kept here, say): keep them all.
+        theirs = current["error"]
+        changes["error"] = theirs + [e for e in changes["error"] if e not in theirs]
     removed = [k for k in claimed if k not in task and k not in ("_rev", "_attachments")]
     ours = task.get("_attachments") or {}
     merged = dict(current)
@@ -2783,7 +2827,15 @@ class _Lease(object):
         self._stop = threading.Event()
         self._thread = None
         _active["lease"] = self
-        if interval and interval > 0:
+        beat = _js_number(claimed.get("heartbeat")) or _js_number(claimed.get("lock")) or 0
+        if interval and interval > 0 and _now() - beat > interval / 2.0:
+            # Claimed a while ago (an unsure lock settled after an outage, a lock sent
+            # with the last result): refresh it before the task starts, or learn it is gone.
+            try:
+                self.beat()
+            except PicasError as exc:
+                log.warning("heartbeat of %s failed: %s", token.get("_id"), exc)
+        if interval and interval > 0 and self.lost is None:
             self._thread = threading.Thread(target=self._beat_loop, name="picas-heartbeat")
             self._thread.daemon = True
             self._thread.start()
@@ -3027,10 +3079,10 @@ class RunActor(object):
                 self._phase = "stopping"
                 try:
                     self._give_back_held()
+                    self._disarm_budget()
                 except StopBudgetExceeded:
                     log.error("no time left to give back the tokens locked ahead; "
                               "`picas.py reset locked --stale` frees them")
-                self._disarm_budget()
                 try:
                     self.cleanup_env()
                 finally:
@@ -3127,16 +3179,27 @@ class RunActor(object):
             try:
                 if self.stop_signal is not None:
                     run.outcome = "interrupted"          # the signal came while claiming
+                elif run.lease.lost is not None:
+                    run.outcome = "lost"                 # reset or taken before it started
                 else:
                     run.outcome = self._run_hooks(run)
+            except (SystemExit, KeyboardInterrupt):
+                # User code ended the pilot (sys.exit() in process_task): not a result.
+                run.lease.stop()
+                run.state = "interrupted"
+                self._give_back(run)
+                raise
             finally:
                 run.lease.stop()
                 self.subprocess = None
-            if run.outcome != "interrupted" and self._killed_by_stop(task):
+            if run.outcome == "finished" and self._killed_by_stop(task):
                 log.warning("token %s: the task died of the stop signal the pilot received "
                             "(exit code %s): not its result", task["_id"], task.get("exit_code"))
                 run.outcome = "interrupted"
-            if run.outcome == "interrupted":
+            if run.outcome == "lost":
+                log.warning("token %s was reset or taken by another pilot before it started "
+                            "here: not run", task["_id"])
+            elif run.outcome == "interrupted":
                 run.state = "interrupted"
                 self._arm_budget()
                 self._give_back(run)
@@ -3214,7 +3277,7 @@ class RunActor(object):
         finally:
             if run.state == "running":
                 run.state = "finished"
-            if timer and hasattr(signal, "setitimer"):
+            if timer and hasattr(signal, "setitimer") and self._budget_armed is False:
                 signal.setitimer(signal.ITIMER_REAL, 0)
 
     def finishing(self):
@@ -3227,13 +3290,15 @@ class RunActor(object):
         run = self._run
         if run is not None and run.state == "running":
             run.state = "finished"
-            if self._max_token_time and hasattr(signal, "setitimer"):
+            if self._max_token_time and hasattr(signal, "setitimer") and \
+                    getattr(self, "_budget_armed", False) is False:
                 signal.setitimer(signal.ITIMER_REAL, 0)
 
     # -- results ------------------------------------------------------------
 
     def _finish(self, run):
         """Mark the token done (scrubbed if it failed and may be retried), journal it, save it."""
+        self._arm_budget()                # a stop that was held: bounded from now
         task = run.token
         if not _js_number(task.get("done")):
             task["done"] = _now()
@@ -3309,8 +3374,21 @@ class RunActor(object):
                             "holds it meanwhile)", task["_id"], exc)
                 time.sleep(random.uniform(*RESULT_RETRY_PAUSE))
             except PicasError as exc:
-                # Refused for good (403 from a validate_doc_update, 413 too large...).
+                # Refused for good (403 from a validate_doc_update, 413 too large...): the
+                # journal keeps it, and the token goes to error, so it does not come back
+                # through `reset --stale` to be run and refused again.
+                self._refused(run, exc)
                 return self._kept(run, "the server refused it: %s" % exc)
+
+    def _refused(self, run, exc):
+        try:
+            current = self._db.get(run.token["_id"])
+            if run.lease.owns(current) and token_state(current) == "locked":
+                Task.error(current, "the server refused this token's result (%s); the result "
+                           "is kept in the journal of pilot %s" % (exc, self.pilot_id))
+                self._db.save(current)
+        except PicasError as err:
+            log.debug("could not put %s in error either: %s", run.token["_id"], err)
 
     def _kept(self, run, why):
         run.state = "kept"
@@ -3324,23 +3402,31 @@ class RunActor(object):
         return run.state
 
     def _keep_orphan_result(self, run, current):
-        """The token was reset or taken by another pilot: keep our result in its error list."""
-        task = run.token
-        if not current:
-            if run.journal_path:
-                self.journal.set_aside(run.journal_path, "deleted")
-                run.journal_path += ".deleted"
-            return self._kept(run, "the token was deleted while it ran")
+        """The token is no longer this claim's: settle the result as a replay would.
+
+        Freed by ``reset`` and run by nobody since: the result is written (the
+        work is not done twice). Taken or finished by another claim: the result
+        goes into its error list. Deleted: the journal entry is set aside.
+        """
         try:
-            _keep_in_error_list(self._db, current, task, self.pilot_id)
+            outcome = _settle_result(self._db, run.token, run.claimed, self.pilot_id)
         except (ServerUnreachable, ServerError) as exc:
             return self._kept(run, "the token was reset or taken, and the server went away: "
                               "%s" % exc)
         except PicasError as exc:
             return self._kept(run, "the token was reset or taken and could not be annotated: "
                               "%s" % exc)
+        if outcome == "deleted":
+            if run.journal_path:
+                self.journal.set_aside(run.journal_path, "deleted")
+                run.journal_path += ".deleted"
+            return self._kept(run, "the token was deleted while it ran")
         self.journal.remove(run.journal_path)
-        run.state = "in-error-list"
+        run.state = "in-error-list" if outcome == "in_error_list" else "saved"
+        if run.state == "saved":
+            log.warning("token %s had been sent back to todo while this pilot ran it (its "
+                        "heartbeat looked stale); nobody ran it since, so the result is saved",
+                        run.token["_id"])
         return run.state
 
     def _record_failure(self, run):
@@ -3384,6 +3470,7 @@ class RunActor(object):
 
     def _give_back(self, run):
         """Put an interrupted token back to todo, if it is still this pilot's and unfinished."""
+        self._arm_budget()
         task, lease = run.token, run.lease
 
         def unclaimed(doc):
@@ -3444,6 +3531,7 @@ class RunActor(object):
 
     def _disarm_budget(self):
         if getattr(self, "_budget_armed", None) is True and hasattr(signal, "setitimer"):
+            self._budget_armed = None             # spent: no alarm can come after this
             signal.setitimer(signal.ITIMER_REAL, 0)
 
     def _on_stop_signal(self, signum, frame):
@@ -3454,14 +3542,18 @@ class RunActor(object):
         run = self._run
         if run is not None and run.state == "running":
             self._interrupt(PilotInterrupted(signum))
-        else:
+        elif run is None or run.state != "stopping-task":
             self._arm_budget()           # claiming, saving or giving back: bounded from now
+        # (While the task is being stopped, the budget starts once it is: see _process.)
 
     def _on_alarm(self, signum, frame):
         run = self._run
         if getattr(self, "_budget_armed", None) is True:
-            if run is not None and run.state == "journaling":
-                signal.setitimer(signal.ITIMER_REAL, 0.05)     # let the local copy finish
+            if run is not None and run.state in ("finished", "journaling") and \
+                    not self._old_api():
+                # A result exists: wait until it is in the journal (the pilot's own
+                # steps up to that point are bounded; user code after finishing() is not).
+                signal.setitimer(signal.ITIMER_REAL, 0.05)
                 return
             self._budget_armed = None                          # spent: never armed again
             raise StopBudgetExceeded()

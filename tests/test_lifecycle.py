@@ -394,7 +394,8 @@ def test_a_result_is_kept_in_the_journal_while_the_server_fails_then_saved(
     assert picas.token_state(doc) == "done" and doc["output"] == "result of a"
 
 
-def test_result_of_a_token_reset_meanwhile_is_kept_in_its_error_list(tdb):
+def test_result_of_a_token_reset_meanwhile_and_run_by_nobody_is_saved(tdb):
+    """`reset --stale` freed it (its heartbeat looked stale): the work is done, keep it."""
     make_tokens(tdb, ["a"])
 
     def reset_meanwhile(actor, token):
@@ -404,7 +405,23 @@ def test_result_of_a_token_reset_meanwhile_is_kept_in_its_error_list(tdb):
     actor = Recorder(tdb, work=reset_meanwhile, heartbeat=0)
     actor.run(max_tasks=1)
     doc = tdb.get("t-1")
-    assert picas.token_state(doc) == "todo" and doc["scrub_count"] == 1
+    assert picas.token_state(doc) == "done" and doc["scrub_count"] == 1
+    assert doc["output"] == "result of a" and doc["pilot_id"] == actor.pilot_id
+
+
+def test_result_of_a_token_taken_by_another_claim_meanwhile_is_kept_in_its_error_list(tdb):
+    make_tokens(tdb, ["a"])
+
+    def taken_meanwhile(actor, token):
+        other = tdb.get(token["_id"])
+        picas.scrub_token(other)
+        tdb.save(other)
+        other.update(lock=picas._now(), pilot_id="rival", claim_id="rival-claim")
+        tdb.save(other)
+    actor = Recorder(tdb, work=taken_meanwhile, heartbeat=0)
+    actor.run(max_tasks=1)
+    doc = tdb.get("t-1")
+    assert picas.token_state(doc) == "locked" and doc["claim_id"] == "rival-claim"
     entry = doc["error"][-1]
     assert "reset or taken" in entry["message"]
     assert entry["result"]["output"] == "result of a" and entry["result"]["exit_code"] == 0

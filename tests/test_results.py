@@ -571,3 +571,91 @@ def test_the_script_reexec_keeps_interpreter_options(couch, tdb, tmp_path):
     assert " -c " in cmdline                          # it did re-execute as a module
     for option in ("-u", "-X utf8", "-W ignore::DeprecationWarning"):
         assert " %s " % option in cmdline, cmdline
+
+
+# Found by review: replay after reset --stale, a second stop signal, scrubbed results, priorities
+
+def _journaled_then_killed(db, tmp_path, change):
+    """A claim whose result ``change(token)`` made was journaled by a pilot that then died."""
+    claimer = picas._Claimer(db, "todo")
+    token = claimer.claim()
+    run = picas._TokenRun(db, token, 0)
+    run.lease.stop()
+    change(token)
+    journal = picas.Journal(str(tmp_path / "picas-journal"))
+    assert journal.write(token, run.claimed, db, claimer.pilot_id)
+    return token, journal
+
+
+def test_replay_after_reset_stale_puts_the_result_in_the_done_view(couch, tdb, tmp_path):
+    make_tokens(tdb, ["a"])
+    token, journal = _journaled_then_killed(
+        tdb, tmp_path, lambda t: t.update(done=picas._now(), exit_code=0, output="kept"))
+    doc = tdb.get("t-1")
+    tdb.save(picas.scrub_token(doc))                 # what `reset locked --stale` does
+    assert picas.replay_journal(tdb, journal)["saved"] == 1
+    doc = tdb.get("t-1")
+    assert picas.token_state(doc) == "done" and doc["output"] == "kept"
+    assert doc["claim_id"] == token["claim_id"] and doc["scrub_count"] == 1
+    assert "t-1" in [r["id"] for r in tdb.view("Monitor/done")["rows"]]
+
+
+def test_replay_of_a_scrubbed_result_by_a_killed_pilot_frees_the_token(couch, tdb, tmp_path):
+    make_tokens(tdb, ["a"])
+    token, journal = _journaled_then_killed(
+        tdb, tmp_path, lambda t: picas.Task.scrub(t.update(done=picas._now(), exit_code=2) or t))
+    assert "noclaim" not in os.listdir(journal.directory)[0]     # named after the claim
+    assert picas.replay_journal(tdb, journal)["saved"] == 1
+    doc = tdb.get("t-1")
+    assert picas.token_state(doc) == "todo" and doc["scrub_count"] == 1
+    assert picas.replay_journal(tdb, journal) == dict.fromkeys(
+        ("saved", "already", "in_error_list", "left", "deleted"), 0)
+
+
+def test_an_old_entry_is_not_applied_to_a_fresh_token_with_the_same_id(couch, tdb, tmp_path):
+    make_tokens(tdb, ["a"])
+    token, journal = _journaled_then_killed(
+        tdb, tmp_path, lambda t: t.update(done=picas._now(), exit_code=0, output="old"))
+    doc = tdb.get("t-1")
+    tdb.delete(doc)
+    make_tokens(tdb, ["a"])                          # pushed again: a new token, same id
+    counts = picas.replay_journal(tdb, journal)
+    assert counts["in_error_list"] == 1 and counts["saved"] == 0
+    doc = tdb.get("t-1")
+    assert picas.token_state(doc) == "todo" and "output" not in doc
+
+
+@pytest.mark.faults
+def test_a_second_stop_signal_while_the_task_is_stopped_still_gives_the_token_back(
+        couch, tdb, tmp_path):
+    make_tokens(tdb, ["a"])
+    started = tmp_path / "started"
+    task = script(tmp_path / "task.sh", "trap '' TERM\ntouch %s\nwhile :; do sleep 0.1; done\n"
+                  % started)
+    grace = picas.STOP_BUDGET + 3
+    pilot = Pilot(couch, tdb, ["run", "--heartbeat", "0", "--grace", str(grace), "--", task],
+                  cwd=tmp_path)
+    assert wait_for(started.exists, 30), pilot.err
+    pilot.send(signal.SIGTERM)
+    time.sleep(1.0)
+    pilot.send(signal.SIGTERM)                       # the batch system insists
+    assert pilot.wait(60) == 128 + signal.SIGTERM, pilot.err
+    assert picas.token_state(tdb.get("t-1")) == "todo", pilot.err
+    assert "Traceback" not in pilot.err
+
+
+def test_a_prioritized_iterator_holds_at_most_one_unsure_lock(couch, tdb, proxy):
+    tdb.ensure_design("High", picas.standard_views("doc.high == 1"))
+    make_tokens(tdb, ["low"])
+    degraded = Degraded()
+    fs = proxy(default=degraded)
+    proxy_db = picas.Server(fs.url, couch.username, couch.password).database(tdb.name)
+    it = picas.PrioritizedViewIterator(proxy_db, "High/todo", "Monitor/todo")
+    with pytest.raises(picas.Degraded):
+        next(it)                                     # the low token's lock: 202
+    picas.push_tokens(tdb, tokens=[{"input": "high", "high": 1}], id_prefix="h")
+    with pytest.raises(picas.Degraded):
+        next(it)                                     # settles first: no second lock
+    assert [t for t, s in states(tdb).items() if s == "locked"] == ["t-1"]
+    degraded.on = False
+    assert next(it)["_id"] == "t-1" and next(it)["_id"] == "h-1"
