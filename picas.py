@@ -2658,12 +2658,25 @@ def _rev_number(doc):
         return 0
 
 
-def _freed_since(current, claimed):
-    """True when ``current`` is ``claimed`` sent back to todo once by ``reset`` and run by nobody."""
-    return (token_state(current) == "todo" and not current.get("claim_id")
+def _freed_since(db, current, claimed):
+    """True when ``current`` is ``claimed`` sent back to todo by ``reset`` while still locked.
+
+    That is: todo, nobody's claim, the same input, scrubbed once since the
+    claim, and the revision just before the scrub still locked by that claim
+    (so no result was stored and then reset on purpose, to run it again).
+    A parent revision that compaction removed counts as not freed.
+    """
+    if not (token_state(current) == "todo" and not current.get("claim_id")
             and current.get("input") == claimed.get("input")
             and _scrub_count(current) == _scrub_count(claimed) + 1
-            and _rev_number(current) > _rev_number(claimed))
+            and _rev_number(current) > _rev_number(claimed)):
+        return False
+    history = (db.get(current["_id"], rev=current["_rev"], revs=True) or {}).get("_revisions")
+    if not history or len(history.get("ids") or []) < 2:
+        return False
+    parent = db.get(current["_id"], rev="%d-%s" % (history["start"] - 1, history["ids"][1]))
+    return (parent is not None and token_state(parent) == "locked"
+            and parent.get("claim_id") == claimed.get("claim_id"))
 
 
 def _settle_result(db, result, claimed, pilot_id):
@@ -2688,7 +2701,7 @@ def _settle_result(db, result, claimed, pilot_id):
         same_claim = claim is not None and current.get("claim_id") == claim
         if same_claim and state in ("done", "error"):
             return "already"
-        freed = _freed_since(current, claimed)
+        freed = _freed_since(db, current, claimed)
         if token_state(result) == "todo" and state == "todo" and not current.get("claim_id"):
             return "already"          # a scrub: the token is back in todo either way
         if not (same_claim and state == "locked") and not freed:
