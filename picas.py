@@ -3209,7 +3209,8 @@ class RunActor(object):
         No new token is claimed once ``max_tasks`` tokens were processed,
         ``max_total_time`` seconds have passed, fewer than ``max_token_time``
         seconds of ``max_total_time`` remain (a token that cannot finish is not
-        started), or ``stop_function(**stop_function_args)`` is true. A failed
+        started), or ``stop_function(**stop_function_args)``, asked after each
+        token with ``current_task`` still set (as upstream), was true. A failed
         token with ``scrub_count < max_scrub`` goes back to todo with
         ``scrub_count + 1``. Through a server outage or a degraded cluster the
         pilot waits (up to OUTAGE_PATIENCE seconds, unless its iterator is
@@ -3717,9 +3718,10 @@ class RunActor(object):
         locked and unfinished (a finished token is never sent back), calls
         ``cleanup_env`` and raises ``SystemExit(128 + N)``.
         """
-        if self._running:
+        if getattr(self, "_running", False):
             self._on_stop_signal(signum, frame)
             return
+        self._defaults()
         self.stop_signal = signum
         log.warning("received signal %d: stopping", signum)
         self._stop_subprocess()
