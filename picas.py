@@ -1993,7 +1993,7 @@ class _Claimer(object):
 
 
 class _ContractDatabase(object):
-    """A database object that offers only upstream picas' contract, as the claim and the pilot use it.
+    """A database object with only upstream picas' contract, as the claim and the pilot use it.
 
     Upstream's iterators and actor need nothing but ``get_single_from_view(view,
     window_size=..., **params)`` (a random one of the first ``window_size``
@@ -2027,7 +2027,10 @@ class _ContractDatabase(object):
         return default if doc is None else dict(getattr(doc, "value", doc))
 
     def save(self, doc):
-        """Save ``doc`` (as a :class:`Document`: upstream's ``save`` reads ``doc.id``); write back _id and _rev."""
+        """Save ``doc`` as a :class:`Document` (upstream's ``save`` reads ``doc.id``).
+
+        The new ``_id`` and ``_rev`` are written back into ``doc``.
+        """
         target = doc if isinstance(doc, Document) else Document(doc)
         try:
             self.raw.save(target)
@@ -2043,7 +2046,8 @@ class _ContractDatabase(object):
 
 
 def _is_status(exc, status, name):
-    """True when ``exc`` is HTTP error ``status``: ours, python-couchdb's (``name``), or any with a ``status``."""
+    """True when ``exc`` is HTTP error ``status``: ours, python-couchdb's (``name``), or any
+    with a ``status`` attribute."""
     return (isinstance(exc, HTTPError) and exc.status == status) or type(exc).__name__ == name \
         or getattr(exc, "status", None) == status
 
@@ -2199,7 +2203,7 @@ class TaskViewIterator(ViewIterator):
         self._claimer.forget_empty()
 
     def _ahead(self):
-        """The claimer that may claim the next token together with a result save (strict path only)."""
+        """The claimer that may claim the next token with a result save (strict path only)."""
         return self._claimer if isinstance(self._claimer, _Claimer) else None
 
     def _claimers(self):
@@ -3752,7 +3756,7 @@ class RunActor(object):
             pass
 
     def _install_signal_handlers(self):
-        """Call :meth:`setup_handler`; return the handlers it replaced (None outside the main thread)."""
+        """Call :meth:`setup_handler`; return the handlers it replaced (None off the main thread)."""
         if threading.current_thread() is not threading.main_thread():
             log.warning("RunActor.run() is not in the main thread: no signal handling "
                         "and no max_token_time")

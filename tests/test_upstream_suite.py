@@ -24,7 +24,7 @@ from helpers import ROOT
 #: Upstream tests that fail on purpose, and why (the README says the same).
 EXPECTED_FAILURES = {
     "test_document.py::TestTask::test_error":
-        "Task.error() keeps the lock and done times and sets a non-zero exit code (upstream: 99/99)",
+        "Task.error() keeps the lock and done times, sets a non-zero exit code (upstream: 99/99)",
     "test_modifiers.py::TestModifier::test_seterror":
         "BasicTokenModifier.set_error() does what Task.error() does (upstream: 99/99)",
     "test_actors.py::TestHandler::test_signal_handling":
