@@ -58,6 +58,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 
 
 class _LazyModule(object):
@@ -148,14 +149,23 @@ class HTTPError(PicasError):
     :meth:`Server.request`).
     """
 
-    def __init__(self, status, error=None, reason=None, method=None, path=None):
-        self.status = status
+    #: The status of an error raised without one (``raise Conflict``, as test
+    #: doubles raise python-couchdb's ``ResourceConflict``).
+    default_status = None
+
+    def __init__(self, status=None, error=None, reason=None, method=None, path=None):
+        if status is not None and not isinstance(status, int):
+            # Raised by user code the python-couchdb way: ResourceConflict("message").
+            status, reason = None, reason or str(status)
+        self.status = self.default_status if status is None else status
         self.error = error
         self.reason = reason
         self.method = method
         self.path = path
         self.ambiguous = False
-        text = "%s %s: HTTP %s" % (method, path, status)
+        text = "HTTP %s" % self.status
+        if method or path:
+            text = "%s %s: %s" % (method, path, text)
         if error:
             text += " %s" % error
         if reason:
@@ -166,25 +176,37 @@ class HTTPError(PicasError):
 class BadRequest(HTTPError):
     """400: CouchDB did not understand the request (bad view parameters...)."""
 
+    default_status = 400
+
 
 class Unauthorized(HTTPError):
     """401 or 403: wrong user name or password, or not allowed to do this."""
+
+    default_status = 401
 
 
 class NotFound(HTTPError):
     """404: no such database, document, design document or view."""
 
+    default_status = 404
+
 
 class Conflict(HTTPError):
     """409: the document changed since the ``_rev`` you sent was read."""
+
+    default_status = 409
 
 
 class PreconditionFailed(HTTPError):
     """412: for example, creating a database that already exists."""
 
+    default_status = 412
+
 
 class ServerError(HTTPError):
     """5xx: the server failed; usually worth retrying later."""
+
+    default_status = 500
 
 
 def _error_class(status):
@@ -425,7 +447,10 @@ class Server(object):
 
     Each thread gets its own connection, opened on first use and reused for
     every request after that; a connection the server or a proxy closed is
-    reopened transparently.
+    reopened transparently. :meth:`close` (or leaving ``with Server(...) as
+    server:``) closes them all; a thread's connection is also closed when the
+    thread ends, and every one when the Server is dropped, so no socket is
+    left open for the garbage collector (no ``ResourceWarning``).
     """
 
     def __init__(self, url="http://localhost:5984", username=None, password=None,
@@ -466,6 +491,7 @@ class Server(object):
                             username, self._host)
         self._ssl = _ssl_context(verify, cafile, capath) if scheme == "https" else None
         self._local = threading.local()
+        self._closers = weakref.WeakSet()    # one per open connection, of every thread
         #: Requests sent and answers received, for benchmarks and tests.
         self.request_count = 0
 
@@ -488,22 +514,31 @@ class Server(object):
                 conn = http.client.HTTPConnection(self._host, self._port,
                                                   timeout=self.timeout)
             self._local.conn = conn
+            # Dropped with this thread's locals (the thread ended, or the
+            # Server was dropped), the closer closes the connection.
+            self._local.closer = _Closer(conn)
+            self._closers.add(self._local.closer)
             self._local.pid = os.getpid()
             self._local.used = False
         return conn
 
     def _drop_connection(self):
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+        closer = getattr(self._local, "closer", None)
+        self._local.conn = self._local.closer = None
+        if closer is not None:
+            closer.close()
 
     def close(self):
-        """Close this thread's connection (a later request opens a new one)."""
+        """Close the connections of every thread (a later request opens a new one)."""
+        for closer in list(self._closers):
+            closer.close()
         self._drop_connection()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
     # -- requests -----------------------------------------------------------
 
@@ -714,6 +749,23 @@ class Server(object):
 
     def all_databases(self):
         return self.request("GET", "/_all_dbs")[2]
+
+
+class _Closer(object):
+    """Closes one connection: when asked, or when it is dropped itself."""
+
+    __slots__ = ("conn", "__weakref__")
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def close(self):
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+
+    __del__ = close
 
 
 class _NotSent(OSError):
@@ -1636,6 +1688,17 @@ class ClaimStats(object):
         return "ClaimStats(%s)" % ", ".join("%s=%d" % kv for kv in sorted(vars(self).items()))
 
 
+def _lock_body(doc, pilot_id, lock_fields):
+    """The locked token to write: unique to this pilot and this claim."""
+    token = Task(doc)
+    token.lock()
+    token["pilot_id"] = pilot_id
+    token["claim_id"] = new_id()
+    token["heartbeat"] = token["lock"]
+    token.update(lock_fields)
+    return token
+
+
 class _Claimer(object):
     """Claims todo tokens from one view with a compare-and-set per claim.
 
@@ -1838,14 +1901,7 @@ class _Claimer(object):
                       doc.get("_id"), exc)
 
     def _lock_body(self, doc):
-        """The locked token to write: unique to this pilot and this claim."""
-        token = Task(doc)
-        token.lock()
-        token["pilot_id"] = self.pilot_id
-        token["claim_id"] = new_id()
-        token["heartbeat"] = token["lock"]
-        token.update(self.lock_fields)
-        return token
+        return _lock_body(doc, self.pilot_id, self.lock_fields)
 
     def _lock(self, doc):
         if not self._claimable(doc):
@@ -1936,6 +1992,151 @@ class _Claimer(object):
             return None
 
 
+class _ContractDatabase(object):
+    """A database object with only upstream picas' contract, as the claim and the pilot use it.
+
+    Upstream's iterators and actor need nothing but ``get_single_from_view(view,
+    window_size=..., **params)`` (a random one of the first ``window_size``
+    rows' documents; ``IndexError`` when the view is empty), ``get(id)`` and
+    ``save(doc)``: test doubles (upstream's own ``MockDB``) and users'
+    wrappers offer just that. This gives the pilot those three, with a
+    missing document as None and a 409 of any kind as :class:`Conflict`.
+    Everything else a :class:`Database` does (``include_docs`` windows,
+    ``_bulk_docs``, revision leaves, the journal) is not available.
+    """
+
+    def __init__(self, db):
+        self.raw = db
+        self.name = str(getattr(db, "name", None) or type(db).__name__)
+
+    def __repr__(self):
+        return "_ContractDatabase(%r)" % (self.raw,)
+
+    def get_single_from_view(self, view, window_size, **params):
+        return self.raw.get_single_from_view(view, window_size=window_size, **params)
+
+    def get(self, doc_id, default=None):
+        try:
+            doc = self.raw.get(doc_id)
+        except Exception as exc:
+            # KeyError (dicts, upstream's MockDB), ValueError (upstream's
+            # CouchDB.get), a 404 of python-couchdb or ours.
+            if isinstance(exc, (KeyError, ValueError)) or _is_status(exc, 404, "ResourceNotFound"):
+                return default
+            raise
+        return default if doc is None else dict(getattr(doc, "value", doc))
+
+    def save(self, doc):
+        """Save ``doc`` as a :class:`Document` (upstream's ``save`` reads ``doc.id``).
+
+        The new ``_id`` and ``_rev`` are written back into ``doc``.
+        """
+        target = doc if isinstance(doc, Document) else Document(doc)
+        try:
+            self.raw.save(target)
+        except Exception as exc:
+            if _is_status(exc, 409, "ResourceConflict") and not isinstance(exc, Conflict):
+                raise Conflict(409, "conflict", str(exc) or None, "PUT", doc.get("_id"))
+            raise
+        if target is not doc:
+            for field in ("_id", "_rev"):
+                if field in target:
+                    doc[field] = target[field]
+        return doc.get("_id"), doc.get("_rev")
+
+
+def _is_status(exc, status, name):
+    """True when ``exc`` is HTTP error ``status``: ours, python-couchdb's (``name``), or any
+    with a ``status`` attribute."""
+    return (isinstance(exc, HTTPError) and exc.status == status) or type(exc).__name__ == name \
+        or getattr(exc, "status", None) == status
+
+
+def _store(db):
+    """What the claim and the pilot talk to: the :class:`Database` behind ``db`` (the
+    fast, strict path), or, for any other object, a :class:`_ContractDatabase` around it."""
+    found = _database(db)
+    if isinstance(found, (Database, _ContractDatabase)):
+        return found
+    return _ContractDatabase(found)
+
+
+class _ContractClaimer(object):
+    """Claims through upstream's database contract (see :class:`_ContractDatabase`).
+
+    As safe as that contract allows: the document ``get_single_from_view``
+    returns (upstream's client reads it fresh) must still be unclaimed
+    (``lock == 0 and done == 0``, missing fields counting as 0: upstream did
+    not look), and it is locked by saving it with its ``_rev`` and a unique
+    ``claim_id``. On CouchDB that save is a compare-and-set, and a conflict
+    means another pilot won: the claimer backs off and draws again. What the
+    contract cannot show is whether the write reached a cluster's quorum
+    (201 or 202): the strict path of :class:`_Claimer` needs a
+    :class:`Database` for that. Nothing is ever locked ahead or unsure.
+    """
+
+    #: Rows get_single_from_view draws from (upstream's window_size).
+    window = 100
+    #: Candidates in a row that were taken or lost before the view counts as empty for now.
+    max_misses = 10
+
+    def __init__(self, db, view, design_doc="Monitor", pilot_id=None, **view_params):
+        self.db = _store(db)
+        design, _, name = view.rpartition("/")
+        self.view, self.design_doc = name, design or design_doc
+        self.view_params = dict(view_params)
+        self.window = int(self.view_params.pop("limit", 0) or 0) or self.window
+        self.pilot_id = pilot_id or new_pilot_id()
+        self.stats = ClaimStats()
+        self.stop = None            # callable: true when claiming must stop now
+        self.lock_fields = {}       # written with every lock (heartbeat_interval)
+        self.unsure = self._held = None
+
+    def claim(self):
+        """Claim one token and return it as a :class:`Task`, or None when the view is empty."""
+        misses = 0
+        while not (self.stop is not None and self.stop()):
+            try:
+                doc = self.db.get_single_from_view(self.view, self.window,
+                                                   design_doc=self.design_doc, **self.view_params)
+            except IndexError:
+                return None
+            self.stats.view_reads += 1
+            doc = dict(getattr(doc, "value", doc))
+            if _js_number(doc.get("lock", 0)) == 0 and _js_number(doc.get("done", 0)) == 0:
+                token = _lock_body(doc, self.pilot_id, self.lock_fields)
+                try:
+                    self.db.save(token)
+                except Conflict:
+                    self.stats.conflicts += 1
+                else:
+                    self.stats.claims += 1
+                    token.view_key = token.view_value = None
+                    return token
+            else:
+                self.stats.skipped += 1          # taken since the view row was written
+            misses += 1
+            if misses >= self.max_misses:
+                log.warning("view %s/%s: %d tokens in a row were taken by others; no claim "
+                            "for now", self.design_doc, self.view, misses)
+                return None
+            time.sleep(random.uniform(0, min(1.0, 0.01 * 2 ** misses)))
+        return None
+
+    def forget_empty(self):
+        """Nothing to forget: every claim asks the view again."""
+
+    def give_back_held(self):
+        return None
+
+
+def _claimer(db, view, design_doc, pilot_id, **view_params):
+    """The claimer for ``db``: the strict one for a :class:`Database`, else the contract one."""
+    if isinstance(_database(db), Database):
+        return _Claimer(db, view, design_doc, pilot_id, **view_params)
+    return _ContractClaimer(db, view, design_doc, pilot_id, **view_params)
+
+
 class ViewIterator(object):
     """Base of the token iterators: ``stop()``, ``is_stopped()``, ``reset()``."""
 
@@ -1980,7 +2181,7 @@ class TaskViewIterator(ViewIterator):
         ViewIterator.__init__(self)
         self.database = database
         self.view = view
-        self._claimer = _Claimer(database, view, design_doc, pilot_id, **view_params)
+        self._claimer = _claimer(database, view, design_doc, pilot_id, **view_params)
 
     @property
     def pilot_id(self):
@@ -2002,8 +2203,8 @@ class TaskViewIterator(ViewIterator):
         self._claimer.forget_empty()
 
     def _ahead(self):
-        """The claimer that may claim the next token together with a result save."""
-        return self._claimer
+        """The claimer that may claim the next token with a result save (strict path only)."""
+        return self._claimer if isinstance(self._claimer, _Claimer) else None
 
     def _claimers(self):
         return [self._claimer]
@@ -2013,7 +2214,8 @@ class TaskViewIterator(ViewIterator):
         self._claimer._total = total_rows
 
     def reconnect(self, database):
-        self.database = self._claimer.db = database
+        self.database = database
+        self._claimer.db = _store(database)
 
 
 class PrioritizedViewIterator(ViewIterator):
@@ -2024,8 +2226,8 @@ class PrioritizedViewIterator(ViewIterator):
         ViewIterator.__init__(self)
         self.database = database
         pilot_id = pilot_id or new_pilot_id()
-        self._high = _Claimer(database, high_priority_view, design_doc, pilot_id, **view_params)
-        self._low = _Claimer(database, low_priority_view, design_doc, pilot_id, **view_params)
+        self._high = _claimer(database, high_priority_view, design_doc, pilot_id, **view_params)
+        self._low = _claimer(database, low_priority_view, design_doc, pilot_id, **view_params)
 
     @property
     def pilot_id(self):
@@ -2061,7 +2263,8 @@ class PrioritizedViewIterator(ViewIterator):
             claimer.forget_empty()
 
     def reconnect(self, database):
-        self.database = self._high.db = self._low.db = database
+        self.database = database
+        self._high.db = self._low.db = _store(database)
 
 
 class EndlessViewIterator(ViewIterator):
@@ -2212,6 +2415,7 @@ class _Watchdog(object):
 
     _instance = None
     _pid = None
+    _reaped_at_exit = False
     mark = None         # PICAS_WATCHDOG in the environment of this pilot's tasks
 
     @classmethod
@@ -2220,6 +2424,10 @@ class _Watchdog(object):
             cls._instance, cls._pid = None, os.getpid()
             cls.mark = new_id()
             import subprocess
+            if not cls._reaped_at_exit:
+                import atexit
+                atexit.register(cls.reap)
+                cls._reaped_at_exit = True
             if sys.executable and hasattr(os, "killpg"):
                 try:
                     # Only what starting Python needs: never the password.
@@ -2236,6 +2444,23 @@ class _Watchdog(object):
                     log.warning("could not start the task watchdog (%s): tasks may outlive "
                                 "a killed pilot", exc)
         return cls._instance
+
+    @classmethod
+    def reap(cls):
+        """At exit: close the pipe, so the watchdog does its last round, and wait for it.
+
+        Its last round is what it would do anyway when this process ends;
+        waiting for it leaves no ``subprocess N is still running`` warning.
+        """
+        proc = cls._instance
+        if proc is None or cls._pid != os.getpid():
+            return                       # none, or the parent's (inherited over fork)
+        cls._instance = None
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=5)
+        except Exception as exc:         # it goes on alone; tasks are still covered
+            log.debug("task watchdog did not finish at exit: %r", exc)
 
     @classmethod
     def tell(cls, line):
@@ -2832,10 +3057,10 @@ class _Lease(object):
         self.db = db
         self.task = token
         self.claim_id = claimed.get("claim_id")
-        self.rev = token["_rev"]
+        self.rev = token.get("_rev")
         self.interval = interval
         self.lost = None
-        self._base = dict(claimed, _rev=token["_rev"])
+        self._base = dict(claimed, _rev=self.rev)
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = None
@@ -3014,7 +3239,9 @@ class RunActor(object):
         self.subprocess = None
         self.stop_signal = None
         self._phase = "idle"
-        self._run = None
+        self._token_run = None       # the _TokenRun of the token being processed
+        self._running = False        # in run(), or in a _run() called on its own
+        self._stop_requested = False  # stop_function said stop after the last token
 
     @property
     def pilot_id(self):
@@ -3022,7 +3249,7 @@ class RunActor(object):
 
     @property
     def _db(self):
-        return _database(getattr(self, "db", None) or self.iterator.database)
+        return _store(getattr(self, "db", None) or self.iterator.database)
 
     # -- hooks --------------------------------------------------------------
 
@@ -3051,7 +3278,8 @@ class RunActor(object):
         No new token is claimed once ``max_tasks`` tokens were processed,
         ``max_total_time`` seconds have passed, fewer than ``max_token_time``
         seconds of ``max_total_time`` remain (a token that cannot finish is not
-        started), or ``stop_function(**stop_function_args)`` is true. A failed
+        started), or ``stop_function(**stop_function_args)``, asked after each
+        token with ``current_task`` still set (as upstream), was true. A failed
         token with ``scrub_count < max_scrub`` goes back to todo with
         ``scrub_count + 1``. Through a server outage or a degraded cluster the
         pilot waits (up to OUTAGE_PATIENCE seconds, unless its iterator is
@@ -3065,20 +3293,9 @@ class RunActor(object):
             # the pilot's total time (-1: no limit), not a limit per token.
             maxtime, max_token_time = max_token_time, None
             max_total_time = maxtime if maxtime > 0 else None
-        _ensure_log_output()
-        self._defaults()
-        self._start = time.monotonic()
-        self._limits = (max_token_time, max_total_time, max_tasks, stop_function,
-                        stop_function_args)
-        self._max_scrub = max_scrub or 0
-        self._max_token_time = max_token_time
-        self._budget_armed = False
-        if hasattr(self.iterator, "_configure"):
-            self.iterator._configure(lambda: not self._may_claim(),
-                                     {"heartbeat_interval": self.heartbeat or 0})
-        saved = self._install_signal_handlers()
-        outer = dict(_active)
-        _active.update(grace=self.grace, old_api=self._old_api())
+        self._settle(max_token_time, max_total_time, max_tasks, max_scrub, stop_function,
+                     stop_function_args)
+        saved = self._enter()
         try:
             try:
                 self.prepare_env()
@@ -3101,10 +3318,38 @@ class RunActor(object):
                 finally:
                     self.journal.tidy()
         finally:
-            self._restore_signal_handlers(saved)
-            _active.update(outer)
+            self._leave(saved)
         if self.stop_signal is not None:
             raise SystemExit(128 + self.stop_signal)
+
+    def _settle(self, max_token_time, max_total_time, max_tasks, max_scrub, stop_function,
+                stop_function_args):
+        """Set the limits of this run (see :meth:`run`), before anything starts."""
+        _ensure_log_output()
+        self._defaults()
+        self._start = time.monotonic()
+        self._limits = (max_token_time, max_total_time, max_tasks, stop_function,
+                        stop_function_args)
+        self._max_scrub = max_scrub or 0
+        self._max_token_time = max_token_time
+        self._budget_armed = False
+        self._stop_requested = False
+        if hasattr(self.iterator, "_configure"):
+            self.iterator._configure(lambda: not self._may_claim(),
+                                     {"heartbeat_interval": self.heartbeat or 0})
+
+    def _enter(self):
+        """Become the running pilot: its signal handlers, and the settings tasks read (_active)."""
+        saved = (self._install_signal_handlers(), dict(_active))
+        _active.update(grace=self.grace, old_api=self._old_api())
+        self._running = True
+        return saved
+
+    def _leave(self, saved):
+        handlers, outer = saved
+        self._running = False
+        self._restore_signal_handlers(handlers)
+        _active.update(outer)
 
     def _loop(self):
         outage = None                    # (since, next pause) while the server is away
@@ -3122,7 +3367,37 @@ class RunActor(object):
             outage = None
             if isinstance(task, tuple):          # old API: (key, ref, token)
                 task = task[-1]
+            self._run(task, self._max_token_time)
+            # Asked after each token, as upstream did: current_task is still set.
+            stop_function, kwargs = self._limits[3:]
+            if stop_function is not None and self.stop_signal is None and stop_function(**kwargs):
+                self._stop_requested = True
+
+    def _run(self, task, timeout):
+        """Process one claimed token: ``prepare_run``, ``process_task`` (stopped after
+        ``timeout`` seconds), save the result or give the token back, ``cleanup_run``.
+
+        Upstream's name for one step of :meth:`run`, which calls it for every
+        token (a subclass may wrap it). Called on its own, outside ``run``, it
+        is a pilot for this one token: signal handlers and settings as in
+        ``run``, and ``SystemExit(128 + N)`` after a stop signal N.
+        """
+        if self._running:
+            self._max_token_time = timeout
             self._process(task)
+            return
+        self._settle(timeout, None, None, 0, None, {})
+        saved = self._enter()
+        try:
+            self._process(task)
+            if self.stop_signal is not None:
+                self._phase = "stopping"
+                self.cleanup_env()
+        finally:
+            self._disarm_budget()
+            self._leave(saved)
+        if self.stop_signal is not None:
+            raise SystemExit(128 + self.stop_signal)
 
     def _wait_out(self, exc, outage):
         """Claiming failed for a reason that passes (outage, degraded cluster): wait, or give up."""
@@ -3138,8 +3413,8 @@ class RunActor(object):
         return since, min(OUTAGE_PAUSE[1], pause * 2)
 
     def _replay_journal(self):
-        if not self.journal.entries():
-            return
+        if not isinstance(self._db, Database) or not self.journal.entries():
+            return                    # a _ContractDatabase has no journal: see _finish
         log.info("saving results left in the journal %s", self.journal.directory)
         try:
             counts = replay_journal(self._db, self.journal, self.pilot_id)
@@ -3155,7 +3430,8 @@ class RunActor(object):
         for name, value in (("token_reset_values", (0, 0)), ("heartbeat", DEFAULT_HEARTBEAT),
                             ("grace", DEFAULT_GRACE), ("current_task", None),
                             ("tasks_processed", 0), ("subprocess", None), ("stop_signal", None),
-                            ("_phase", "idle"), ("_run", None)):
+                            ("_phase", "idle"), ("_token_run", None), ("_running", False),
+                            ("_stop_requested", False)):
             if not hasattr(self, name):
                 setattr(self, name, value)
         if not isinstance(getattr(self, "journal", None), Journal):
@@ -3169,8 +3445,8 @@ class RunActor(object):
 
     def _may_claim(self, finishing=0):
         """True while a new token may be claimed (``finishing``: tokens about to be counted)."""
-        max_token_time, max_total_time, max_tasks, stop_function, kwargs = self._limits
-        if self.stop_signal is not None:
+        max_token_time, max_total_time, max_tasks = self._limits[:3]
+        if self.stop_signal is not None or self._stop_requested:
             return False
         if max_tasks and self.tasks_processed + finishing >= max_tasks:
             return False
@@ -3180,14 +3456,12 @@ class RunActor(object):
                 log.info("stopping: %.0f s of max_total_time left, max_token_time is %s s",
                          max(0, remaining), max_token_time)
                 return False
-        if stop_function is not None and stop_function(**kwargs):
-            return False
         return True
 
     def _process(self, task):
         """Run one claimed token and save its result (or give it back)."""
         self.current_task = task
-        run = self._run = _TokenRun(self._db, task, self.heartbeat)
+        run = self._token_run = _TokenRun(self._db, task, self.heartbeat)
         try:
             try:
                 if self.stop_signal is not None:
@@ -3204,6 +3478,8 @@ class RunActor(object):
                 raise
             finally:
                 run.lease.stop()
+                if run.outcome in ("interrupted", "timeout"):
+                    self._stop_subprocess()
                 self.subprocess = None
             if run.outcome == "finished" and self._killed_by_stop(task):
                 log.warning("token %s: the task died of the stop signal the pilot received "
@@ -3236,7 +3512,7 @@ class RunActor(object):
                           "`picas.py reset locked --stale` frees it", task["_id"])
             raise
         finally:
-            self._run = None
+            self._token_run = None
 
     def _killed_by_stop(self, task):
         """True when the task died of the stop signal this pilot received (or gets in a moment)."""
@@ -3257,7 +3533,8 @@ class RunActor(object):
             if self.stop_signal is not None:
                 # The signal came after the claim, before the task could be interrupted.
                 raise PilotInterrupted(self.stop_signal)
-            if timer and hasattr(signal, "setitimer"):
+            if timer and hasattr(signal, "setitimer") and \
+                    threading.current_thread() is threading.main_thread():
                 signal.setitimer(signal.ITIMER_REAL, timer)
             self.prepare_run()
             if self._old_api():
@@ -3300,7 +3577,7 @@ class RunActor(object):
         to be recorded, so that a stop signal arriving now lets the result be
         saved instead of sending the token back to todo.
         """
-        run = self._run
+        run = self._token_run
         if run is not None and run.state == "running":
             run.state = "finished"
             if self._max_token_time and hasattr(signal, "setitimer") and \
@@ -3325,14 +3602,19 @@ class RunActor(object):
                        % "; ".join(problems))
             log.error("token %s: %s", task["_id"], message)
             task.error(message)
-        failed = token_state(task) == "error"
+        # The error view's test (the claim set lock, done is set above), also for
+        # the documents of a _ContractDatabase, which may have no type field.
+        failed = _parse_int(task.get("exit_code")) != 0
         if failed and _scrub_count(task) < self._max_scrub:
             log.info("token %s failed (exit code %s): back to todo for attempt %d of %d",
                      task["_id"], task.get("exit_code"), _scrub_count(task) + 2,
                      self._max_scrub + 1)
             Task.scrub(task)
         run.state = "journaling"          # a stop's time budget waits for this write
-        run.journal_path = self.journal.write(task, run.claimed, self._db, self.pilot_id)
+        if isinstance(self._db, Database):
+            run.journal_path = self.journal.write(task, run.claimed, self._db, self.pilot_id)
+        # else: a _ContractDatabase cannot say which database it is, so no replay
+        # could find the right one: its results are not journaled.
         run.state = "journaled"
         self._save_result(run)
 
@@ -3516,17 +3798,73 @@ class RunActor(object):
 
     # -- signals ------------------------------------------------------------
 
+    def setup_handler(self):
+        """Install :meth:`handler` for the stop signals and the max_token_time alarm for SIGALRM.
+
+        Upstream's name; :meth:`run` calls it (and puts the handlers that were
+        there back at the end), so a subclass may override it.
+        """
+        log.info("Setting up signal handlers")
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handler)
+        if hasattr(signal, "SIGALRM"):
+            signal.signal(signal.SIGALRM, self._on_alarm)
+
+    def handler(self, signum, frame):
+        """The stop-signal handler (upstream's name).
+
+        In a running pilot (``run``, or ``_run`` called on its own) it starts
+        the stop: no new claim, the running task is interrupted and its token
+        given back, ``cleanup_env`` runs and ``run`` raises ``SystemExit(128 +
+        N)``. Called when no pilot runs (a script installed it with
+        :meth:`setup_handler`, or calls it), it stops at once: it stops
+        ``self.subprocess``, gives ``current_task`` back when it is still
+        locked and unfinished (a finished token is never sent back), calls
+        ``cleanup_env`` and raises ``SystemExit(128 + N)``.
+        """
+        if getattr(self, "_running", False):
+            self._on_stop_signal(signum, frame)
+            return
+        self._defaults()
+        self.stop_signal = signum
+        log.warning("received signal %d: stopping", signum)
+        self._stop_subprocess()
+        task = self.current_task
+        if task is not None and _js_number(task.get("lock")) and not _js_number(task.get("done")):
+            run = _TokenRun(self._db, task, 0)
+            run.lease.stop()
+            run.state = "interrupted"
+            self._give_back(run)
+        self.cleanup_env()
+        raise SystemExit(128 + signum)
+
+    def _stop_subprocess(self):
+        """Stop ``self.subprocess``, a process user code started and set there (as upstream's
+        handler did): SIGTERM, SIGKILL after ``grace`` seconds."""
+        proc = self.subprocess
+        if proc is None or not hasattr(proc, "poll") or proc.poll() is not None:
+            return
+        import subprocess
+        try:
+            proc.terminate()
+            try:
+                proc.wait(timeout=self.grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        except OSError:
+            pass
+
     def _install_signal_handlers(self):
+        """Call :meth:`setup_handler`; return the handlers it replaced (None off the main thread)."""
         if threading.current_thread() is not threading.main_thread():
             log.warning("RunActor.run() is not in the main thread: no signal handling "
                         "and no max_token_time")
             self._max_token_time = None
             return None
-        saved = {}
-        for signum in STOP_SIGNALS:
-            saved[signum] = signal.signal(signum, self._on_stop_signal)
-        if hasattr(signal, "SIGALRM"):
-            saved[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_alarm)
+        signums = STOP_SIGNALS + ((signal.SIGALRM,) if hasattr(signal, "SIGALRM") else ())
+        saved = dict((signum, signal.getsignal(signum)) for signum in signums)
+        self.setup_handler()
         return saved
 
     def _restore_signal_handlers(self, saved):
@@ -3552,7 +3890,7 @@ class RunActor(object):
             self.stop_signal = signum
             log.warning("received signal %d: stopping after this token is given back or saved",
                         signum)
-        run = self._run
+        run = self._token_run
         if run is not None and run.state == "running":
             self._interrupt(PilotInterrupted(signum))
         elif run is None or run.state != "stopping-task":
@@ -3560,7 +3898,7 @@ class RunActor(object):
         # (While the task is being stopped, the budget starts once it is: see _process.)
 
     def _on_alarm(self, signum, frame):
-        run = self._run
+        run = self._token_run
         if getattr(self, "_budget_armed", None) is True:
             if run is not None and run.state in ("finished", "journaling") and \
                     not self._old_api():
@@ -3582,7 +3920,7 @@ class RunActor(object):
         done: the exception is held and dropped, the result saved (unless the
         task died of the stop signal itself: see _killed_by_stop).
         """
-        run = self._run
+        run = self._token_run
         run.state = "stopping-task"
         if _active.get("spawning") or _exited(_active.get("proc")):
             _active["pending"] = exc
@@ -3939,6 +4277,16 @@ class CouchDB(object):
     def __repr__(self):
         return "CouchDB(%r, %r)" % (self.server.url, self.db.name)
 
+    def close(self):
+        """Close the connections to the server (a later call opens a new one)."""
+        self.server.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
     @property
     def _picas_database(self):
         return self.db
@@ -4012,7 +4360,17 @@ class CouchDB(object):
             return False
 
     def doc_count(self):
-        return self.db.info()["doc_count"]
+        """The documents in the database, as upstream's client counts them on the same database.
+
+        CouchDB's ``doc_count`` (design documents included), less picas.py's own
+        ``_design/Conflicts``, which upstream never writes: scripts that number
+        new tokens from it (upstream's push_tokens.py: ``token_<doc_count()+i>``)
+        get the same ids as with upstream's create_views.py.
+        """
+        count = self.db.info()["doc_count"]
+        if "_design/" + CONFLICTS_DESIGN in self.db:
+            count -= 1
+        return count
 
 
 class CouchClient(object):
@@ -4101,8 +4459,32 @@ def seconds():
 
 
 def add_job_id(doc):
-    """Record the batch system's job ids in ``doc`` (see :func:`job_ids`)."""
-    doc.update(job_ids())
+    """Record the batch system's job id in ``doc`` as upstream did: only the first one found.
+
+    In this order (the outermost of layered systems first): DIRACJOBID,
+    GLITE_WMS_JOBID (``wms_job_id`` is None unless it is a URL), CREAM_JOBID,
+    PBS_JOBID, SLURM_ARRAY_JOB_ID + "_" + SLURM_ARRAY_TASK_ID, SLURM_JOB_ID;
+    HTCondor's after those. picas.py's own claims record every id found
+    (:func:`job_ids`).
+    """
+    env = os.environ
+    if env.get("DIRACJOBID") is not None:
+        doc["dirac_job_id"] = env["DIRACJOBID"]
+    elif env.get("GLITE_WMS_JOBID") is not None:
+        wms = env["GLITE_WMS_JOBID"]
+        doc["wms_job_id"] = wms if wms.startswith("http") else None
+    elif env.get("CREAM_JOBID") is not None:
+        doc["cream_job_id"] = env["CREAM_JOBID"]
+    elif env.get("PBS_JOBID") is not None:
+        doc["pbs_job_id"] = env["PBS_JOBID"]
+    elif env.get("SLURM_ARRAY_JOB_ID") is not None and env.get("SLURM_ARRAY_TASK_ID") is not None:
+        doc["slurm_job_id"] = "%s_%s" % (env["SLURM_ARRAY_JOB_ID"], env["SLURM_ARRAY_TASK_ID"])
+    elif env.get("SLURM_JOB_ID") is not None:
+        doc["slurm_job_id"] = env["SLURM_JOB_ID"]
+    else:
+        condor = _htcondor_job_id(env.get("_CONDOR_JOB_AD"))
+        if condor:
+            doc["htcondor_job_id"] = condor
     return doc
 
 
@@ -4123,13 +4505,34 @@ def execute_old(cmd):
     return run_command(cmd, shell=True)
 
 
+class _UpstreamModule(type(sys)):          # types.ModuleType
+    """One of upstream's module names (``picas.actors``...): a view of names of this file.
+
+    Setting one of its names sets this file's name too, as setting it in
+    upstream's module changed what that module's code used: a test that
+    patches ``picas.actors.log`` sees the lines the actor logs.
+    """
+
+    def __init__(self, name, names, namespace):
+        type(sys).__init__(self, name, "Upstream picas' %s names, served by picas.py."
+                           % name.rpartition(".")[2])
+        object.__setattr__(self, "_names", frozenset(names))
+        object.__setattr__(self, "_namespace", namespace)
+        for attr in names:
+            object.__setattr__(self, attr, namespace[attr])
+
+    def __setattr__(self, attr, value):
+        object.__setattr__(self, attr, value)
+        if attr in self._names:
+            self._namespace[attr] = value
+
+
 def _register_upstream_modules():
     """Make ``picas.clients``, ``picas.iterators``, ... importable from this one file.
 
     Works when this file is imported as ``picas`` (or vendored under another
     name) and when it runs as a script (then it also answers to ``picas``).
     """
-    import types
     here = globals()
     this = sys.modules.get(__name__)
     if this is not None and vars(this) is not here:
@@ -4145,7 +4548,7 @@ def _register_upstream_modules():
         "iterators": ("ViewIterator", "TaskViewIterator", "PrioritizedViewIterator",
                       "EndlessViewIterator", "BasicViewIterator"),
         "modifiers": ("TokenModifier", "BasicTokenModifier"),
-        "actors": ("RunActor", "AbstractRunActor"),
+        "actors": ("RunActor", "AbstractRunActor", "log"),
         "executers": ("execute", "execute_old"),
         "util": ("Timer", "time_elapsed", "merge_dicts", "seconds"),
         "jobid": ("add_job_id", "remove_job_id"),
@@ -4153,10 +4556,7 @@ def _register_upstream_modules():
         "picaslogger": ("picaslogger",),
     }
     for name, names in submodules.items():
-        module = types.ModuleType("%s.%s" % (base, name))
-        module.__doc__ = "Upstream picas' %s names, served by picas.py." % name
-        for attr in names:
-            setattr(module, attr, here[attr])
+        module = _UpstreamModule("%s.%s" % (base, name), names, here)
         sys.modules[module.__name__] = module
         here[name] = module
 
