@@ -3065,8 +3065,9 @@ class _Lease(object):
         self._stop = threading.Event()
         self._thread = None
         _active["lease"] = self
-        beat = _js_number(claimed.get("heartbeat")) or _js_number(claimed.get("lock")) or 0
-        if interval and interval > 0 and _now() - beat > interval / 2.0:
+        beat = _js_number(claimed.get("heartbeat")) or 0
+        if interval and interval > 0 and beat and claimed.get("claim_id") and \
+                _now() - beat > interval / 2.0:
             # Claimed a while ago (an unsure lock settled after an outage, a lock sent
             # with the last result): refresh it before the task starts, or learn it is gone.
             try:
@@ -3873,7 +3874,8 @@ class RunActor(object):
 
     def _arm_budget(self):
         """After a stop signal: from now, STOP_BUDGET seconds for talking to the server."""
-        if self.stop_signal is None or getattr(self, "_budget_armed", None) is not False or \
+        if self.stop_signal is None or not getattr(self, "_running", False) or \
+                getattr(self, "_budget_armed", None) is not False or \
                 not hasattr(signal, "setitimer") or \
                 threading.current_thread() is not threading.main_thread():
             return

@@ -137,3 +137,14 @@ def _pouchdb_version():
             return json.load(fh)["dependencies"]["pouchdb-server"]
     except (OSError, ValueError, KeyError):
         return "?"
+
+
+@pytest.fixture(autouse=True)
+def _no_alarm_left():
+    """A pilot must never leave its task timer or stop budget armed behind it."""
+    import signal
+    yield
+    if hasattr(signal, "getitimer"):
+        left = signal.getitimer(signal.ITIMER_REAL)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert left == (0.0, 0.0), "an ITIMER_REAL alarm was left armed: %r" % (left,)
