@@ -4,8 +4,16 @@
     python3 bench/bench.py                         # the full run (about 10 minutes)
     python3 bench/bench.py --quick --no-upstream   # a smoke test (seconds)
     python3 bench/bench.py --json results.json --profile
+    python3 bench/bench.py --couchdb               # on a real Apache CouchDB node
+    python3 bench/bench.py --url http://127.0.0.1:5984   # on any server (see below)
 
-One in-memory pouchdb-server (tests/server/pouchdb.py) serves both clients.
+One server serves both clients: by default an in-memory pouchdb-server
+(tests/server/pouchdb.py); with ``--couchdb`` a single node of the shared
+Apache CouchDB 3.4.3 build (tests/server/couchdb.py; ``../shared/couchdb/``
+or ``PICAS_COUCHDB_RELEASE``), started for the run; with ``--url`` a plain
+``http://`` server of your own, whose admin credentials come from the URL or
+from ``PICAS_USERNAME`` and ``PICAS_PASSWORD`` (never printed). The benchmark
+creates and deletes databases named ``bench-NN-...`` there.
 Upstream picas (``pip install picas CouchDB==1.2``) goes into a virtual
 environment cached in bench/.venv-upstream (ignored by git; ``--venv`` picks
 another place); picas.py runs in a fresh virtual environment without packages
@@ -146,9 +154,11 @@ def log(message):
 ###############################################################################
 
 class Couch(object):
-    def __init__(self, url, user=USER, password=PASSWORD):
-        host, port = url.split("://", 1)[1].split(":")
+    def __init__(self, url, user=None, password=None):
+        host, port = url.split("://", 1)[1].rstrip("/").rsplit(":", 1)
         self.host, self.port = host, int(port)
+        user = USER if user is None else user
+        password = PASSWORD if password is None else password
         self.headers = {"Accept": "application/json", "Content-Type": "application/json",
                         "Authorization": "Basic " + base64.b64encode(
                             ("%s:%s" % (user, password)).encode()).decode()}
@@ -242,8 +252,8 @@ class CountingProxy(object):
 
     _REQUEST = re.compile(br"(GET|HEAD|PUT|POST|DELETE|COPY) (\S+) HTTP/1\.[01]\r\n")
 
-    def __init__(self, upstream_port):
-        self.upstream = ("127.0.0.1", upstream_port)
+    def __init__(self, upstream_port, upstream_host="127.0.0.1"):
+        self.upstream = (upstream_host, upstream_port)
         self.records = []
         self.connections = 0
         self._lock = threading.Lock()
@@ -490,8 +500,8 @@ class Guard(object):
         while not self._stop.wait(interval):
             reason = None
             if self.server.proc is not None and self.server.proc.poll() is not None:
-                reason = "pouchdb-server exited (status %s) in the middle of the run" \
-                    % self.server.proc.returncode
+                reason = "%s exited (status %s) in the middle of the run" \
+                    % (self.server.name, self.server.proc.returncode)
             elif os.getppid() != self.parent:
                 reason = "the process that started bench.py is gone"
             if reason:
@@ -726,7 +736,7 @@ class Bench(object):
         written together with the next lock in one ``_bulk_docs`` POST."""
         db = self._db("ceiling")
         self.couch.prepare(db, count)
-        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
+        conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=60)
         headers = dict(self.couch.headers)
         view = "/%s/_design/%s/_view/todo?include_docs=true&limit=%d" % (db, DESIGN, window)
 
@@ -809,7 +819,7 @@ class Bench(object):
         mode = "proxied" if proxied else "direct"
         db = self._db("single-%s-%s" % (client.name, mode))
         self.couch.prepare(db, count)
-        proxy = CountingProxy(self.server.port) if proxied else None
+        proxy = CountingProxy(self.server.port, self.server.host) if proxied else None
         url = proxy.url if proxy else self.server.url
         workdir = self._workdir(db)
         run = run_pilots([client.pilot_argv(url, db, ["true"])], client.env(url, db),
@@ -855,7 +865,7 @@ class Bench(object):
                 workdir = self._workdir(label)
                 exec_log = os.path.join(workdir, "executions.txt")
                 open(exec_log, "w").close()
-                proxy = CountingProxy(self.server.port)
+                proxy = CountingProxy(self.server.port, self.server.host)
                 env = client.env(proxy.url, db)
                 env["BENCH_EXEC_LOG"] = exec_log
                 argv = client.pilot_argv(proxy.url, db, [task])
@@ -976,7 +986,7 @@ class Bench(object):
         for name, client in variants:
             db = "bench-idle-%s" % re.sub(r"[^a-z0-9]+", "-", name)
             couch.prepare(db, 0)
-            proxy = CountingProxy(self.server.port)
+            proxy = CountingProxy(self.server.port, self.server.host)
             workdir = self._workdir(db)
             argv = client.pilot_argv(proxy.url, db, ["true"], endless=True)
             env = client.env(proxy.url, db)
@@ -1232,8 +1242,8 @@ def report(results, have_upstream, upstream_note):
     meta = results["meta"]
     lines.append("picas.py benchmark: %s (%s) vs %s" % (meta["picas_version"], meta["picas_source"],
                                                       meta["upstream_version"]))
-    lines.append("server: pouchdb-server %s in memory on 127.0.0.1, node %s; Python %s; %s CPUs"
-                 % (meta["server"], meta["node"], meta["python"], meta["cpus"]))
+    lines.append("server: %s; Python %s; %s CPUs"
+                 % (meta["server_description"], meta["python"], meta["cpus"]))
     lines.append("load average at start %.2f, at end %.2f; %s; the median of %d runs counts "
                  "in (1) and (6)" % (meta["loadavg_start"][0], meta.get("loadavg_end", [0])[0],
                                      meta["started"], meta["repeat"]))
@@ -1412,6 +1422,12 @@ def parse_args(argv=None):
                         help="also profile picas.py's pilot (cProfile) and print where its "
                         "time per token goes")
     parser.add_argument("--json", metavar="FILE", help="write all results to FILE")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--couchdb", action="store_true",
+                       help="benchmark on a real Apache CouchDB 3.4.3 node (the shared build), "
+                       "started for the run")
+    where.add_argument("--url", help="benchmark on this http:// server; admin credentials in "
+                       "the URL or in PICAS_USERNAME and PICAS_PASSWORD")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"tokens": (500, 20), "conc_tokens": (2000, 40), "pilots": ("1,4,16", "1,4"),
@@ -1453,6 +1469,62 @@ def bare_venv(base_python, path):
     return os.path.join(path, "bin", "python")
 
 
+class BenchServer(object):
+    """The server of a run: ``url`` (no credentials), ``host``, ``port``, ``proc`` (None
+    when it is not ours), ``name``, ``description``; ``stop()``."""
+
+    def __init__(self, name, url, description, proc=None, stop=None):
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        self.name, self.url, self.description, self.proc = name, url, description, proc
+        self.host, self.port = parts.hostname, parts.port or 80
+        self._stop = stop
+
+    def stop(self):
+        if self._stop is not None:
+            self._stop()
+            self._stop = None
+
+
+def start_server(args):
+    """The server to measure on (and set USER, PASSWORD for it)."""
+    global USER, PASSWORD
+    sys.path.insert(0, SERVER_DIR)
+    if args.url:
+        from urllib.parse import unquote, urlsplit
+        parts = urlsplit(args.url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise RuntimeError("--url: an http:// URL is needed (the request-counting proxy "
+                               "speaks plain HTTP)")
+        USER = unquote(parts.username) if parts.username else os.environ.get("PICAS_USERNAME")
+        PASSWORD = unquote(parts.password) if parts.password is not None \
+            else os.environ.get("PICAS_PASSWORD")
+        if not USER or PASSWORD is None:
+            raise RuntimeError("--url: give the admin's name and password in the URL or in "
+                               "PICAS_USERNAME and PICAS_PASSWORD")
+        host = parts.hostname if ":" not in parts.hostname else "[%s]" % parts.hostname
+        url = "http://%s:%d" % (host, parts.port or 80)
+        status, info = Couch(url).request("GET", "/", ok=None)
+        if status != 200:
+            raise RuntimeError("--url: GET / answered HTTP %d" % status)
+        version = "%s %s" % ("CouchDB" if "couchdb" in (info or {}) else "server",
+                             (info or {}).get("version", "?"))
+        return BenchServer("the server", url, "%s at %s (--url)" % (version, url))
+    if args.couchdb:
+        import couchdb
+        try:
+            node = couchdb.start_node(USER, PASSWORD)
+        except couchdb.SetupError as exc:
+            raise RuntimeError("--couchdb: %s" % exc)
+        return BenchServer("CouchDB", node.url, "Apache CouchDB 3.4.3 single node on 127.0.0.1 "
+                           "(the shared build; every write fsynced)", node.proc, couchdb.close)
+    import pouchdb
+    server = pouchdb.PouchDBServer(USER, PASSWORD)
+    server.start()
+    return BenchServer("pouchdb-server", server.url, "pouchdb-server %s in memory on 127.0.0.1, "
+                       "node %s" % (_server_version(), _node_version()), server.proc, server.stop)
+
+
 def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -1462,9 +1534,6 @@ def main(argv=None):
     # SIGTERM/SIGHUP end the run like an error does: pilots killed, server stopped.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _terminate)
-    sys.path.insert(0, SERVER_DIR)
-    import pouchdb
-
     workroot = tempfile.mkdtemp(prefix="picas-bench-")
     upstream_note = None
     venv_seconds = None
@@ -1484,8 +1553,7 @@ def main(argv=None):
             clients.append(Upstream(venv))
         have_upstream = len(clients) > 1
 
-        server = pouchdb.PouchDBServer(USER, PASSWORD)
-        server.start()
+        server = start_server(args)
         guard = Guard(server)
         bench = Bench(args, server, clients, workroot)
         results = bench.results
@@ -1494,7 +1562,9 @@ def main(argv=None):
             "upstream_version": ("upstream " + clients[1].version()) if have_upstream
             else "no upstream",
             "python": platform.python_version(), "node": _node_version(),
-            "server": _server_version(), "cpus": os.cpu_count(),
+            "server": server.name, "server_description": server.description,
+            "pouchdb_server": _server_version() if server.name == "pouchdb-server" else None,
+            "cpus": os.cpu_count(),
             "argv": sys.argv[1:] if argv is None else list(argv),
             "tokens": args.tokens, "conc_tokens": args.conc_tokens, "pilots": args.pilot_counts,
             "idle_seconds": args.idle_seconds, "idle_mem_wait": args.idle_mem_wait,

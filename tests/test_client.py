@@ -6,6 +6,7 @@ import math
 import os
 import re
 import threading
+import time
 import uuid
 from urllib.parse import quote
 
@@ -16,7 +17,8 @@ import picas
 from faultserver import FaultServer
 
 SENTINEL = conftest.SENTINEL_PASSWORD
-ON_POUCHDB = not os.environ.get("PICAS_TEST_COUCHDB_URL")
+#: The tests started the server (pouchdb-server or a CouchDB node): they may add admins to it.
+OUR_SERVER = not os.environ.get("PICAS_TEST_COUCHDB_URL")
 
 
 def unique_name():
@@ -682,18 +684,30 @@ def test_credentials_in_url_are_used_and_hidden(couch, db):
         picas.Server(url_with(couch, couch.username, "wrong-" + SENTINEL), retries=0).info()
 
 
-@pytest.mark.skipif(not ON_POUCHDB, reason="adds an admin user: only on our own test server")
+@pytest.mark.skipif(not OUR_SERVER, reason="adds an admin user: only on our own test server")
 def test_percent_encoded_credentials_in_url(couch):
     admin = couch.server()
     password = "p@ss:w/rd#?%" + SENTINEL
-    admin.request("PUT", "/_config/admins/urluser", body=password)
+    # CouchDB 3 keeps its configuration per node; pouchdb-server at /_config.
+    config = "/_node/_local/_config" if couch.couchdb else "/_config"
+    admin.request("PUT", config + "/admins/urluser", body=password)
     try:
         server = picas.Server(url_with(couch, "urluser", password), retries=0)
+        # CouchDB hashes a new admin's password after answering the PUT; until then
+        # the login fails.
+        deadline = time.time() + 10
+        while couch.couchdb and time.time() < deadline:
+            try:
+                server.info()
+                server.all_databases()
+                break
+            except picas.Unauthorized:
+                time.sleep(0.1)
         assert server.username == "urluser"
         assert isinstance(server.all_databases(), list)
         assert_secret_free(SENTINEL, repr(server), server.url)
     finally:
-        admin.request("DELETE", "/_config/admins/urluser")
+        admin.request("DELETE", config + "/admins/urluser")
 
 
 def test_unreachable_error_hides_credentials(caplog):

@@ -343,7 +343,9 @@ class Chaos(object):
                     fault = name
                     break
                 roll -= share
-            if self._count % 20 == 10:
+            # Every 10th request deals a scheduled fault: the 16 of them need 160
+            # requests, and a run makes about 400 (one per token and the retries).
+            if self._count % 10 == 5:
                 fault = next((name for name in self.due
                               if name != "half_request" or request.body), fault)
                 if fault in self.due:
