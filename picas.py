@@ -893,13 +893,19 @@ class Database(object):
         """
         body = dict(note or {}, time=_now())
         path = "/" + _quote_id("_local/picas-pilot-" + str(body.get("pilot_id") or "probe"))
-        for _ in range(3):
+        for _ in range(10):
             try:
                 return self.request("PUT", path, body=body, retry=True)[0]
             except Conflict:
-                # CouchDB overwrites a local document without its _rev, others want it.
-                body["_rev"] = (self.request("GET", path)[2] or {}).get("_rev")
-        raise PicasError("PUT %s%s keeps conflicting" % (self._path, path))
+                # CouchDB overwrites a local document without its _rev, others want it
+                # (and a retried write whose first attempt landed moved it on).
+                try:
+                    body["_rev"] = (self.request("GET", path)[2] or {}).get("_rev")
+                except NotFound:
+                    body.pop("_rev", None)
+        # Transient for the callers (they wait as for an outage), never fatal.
+        raise ServerUnreachable("PUT %s%s: the probe write keeps meeting conflicts; trying "
+                                "again later" % (self._path, path), url=self.server.url)
 
     def pilot_notes(self):
         """The notes pilots left with :meth:`probe` (uncertain locks), or [] where unsupported."""
