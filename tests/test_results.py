@@ -21,9 +21,8 @@ import time
 import pytest
 
 import picas
-from faultserver import FaultServer
 from helpers import ROOT, ensure_views, make_tokens, states, wait_for
-from test_faults import Pilot, run_cli, script, token_docs, write_kind
+from test_faults import Pilot, proxy, run_cli, script, token_docs, write_kind  # noqa: F401
 
 
 @pytest.fixture
@@ -37,19 +36,6 @@ def _no_pilot_left():
     yield
     while Pilot.started:
         Pilot.started.pop().kill()
-
-
-@pytest.fixture
-def proxy(couch):
-    servers = []
-
-    def make(default=None, script=()):
-        fs = FaultServer(script, upstream=couch.url, default=default).start()
-        servers.append(fs)
-        return fs
-    yield make
-    for fs in servers:
-        fs.stop()
 
 
 def journal_entries(folder, name="picas-journal"):
