@@ -3770,10 +3770,14 @@ class RunActor(object):
                           "`picas.py reset locked --stale` frees it if it stayed locked", exc)
                 continue
             if held is not None:
-                run = _TokenRun(self._db, held, 0)
-                run.lease.stop()
-                run.state = "interrupted"
-                self._give_back(run)
+                self._give_back_unrun(held)
+
+    def _give_back_unrun(self, token):
+        """Give back a token this pilot holds a lock on but does not run (no heartbeat)."""
+        run = _TokenRun(self._db, token, 0)
+        run.lease.stop()
+        run.state = "interrupted"
+        self._give_back(run)
 
     def _give_back(self, run):
         """Put an interrupted token back to todo, if it is still this pilot's and unfinished."""
@@ -3843,10 +3847,7 @@ class RunActor(object):
         self._stop_subprocess()
         task = self.current_task
         if task is not None and _js_number(task.get("lock")) and not _js_number(task.get("done")):
-            run = _TokenRun(self._db, task, 0)
-            run.lease.stop()
-            run.state = "interrupted"
-            self._give_back(run)
+            self._give_back_unrun(task)
         self.cleanup_env()
         raise SystemExit(128 + signum)
 

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,7 +30,7 @@ from urllib.parse import quote
 import pytest
 
 import picas
-from conftest import SENTINEL_PASSWORD
+from conftest import SENTINEL_PASSWORD, free_port
 from helpers import (PICAS, ROOT, ensure_views, executions, make_tokens, states, view_ids,
                      wait_for)
 
@@ -39,15 +38,6 @@ EXAMPLES = os.path.join(ROOT, "examples")
 SETTINGS = ("PICAS_HOST_URL", "PICAS_DATABASE", "PICAS_USERNAME", "PICAS_PASSWORD")
 
 Result = collections.namedtuple("Result", "code out err")
-
-
-def free_port():
-    """A port nothing listens on (it was free a moment ago)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 def text(result):

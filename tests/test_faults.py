@@ -21,7 +21,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from urllib.parse import quote
 import pytest
 
 import picas
-from conftest import SENTINEL_PASSWORD
+from conftest import SENTINEL_PASSWORD, free_port
 from faultserver import FaultServer
 from helpers import ROOT, alive, ensure_views, make_tokens, pilot_cmd, start_pilot, wait_for
 
@@ -924,14 +923,6 @@ def test_task_that_ignores_sigterm_is_killed_after_the_grace_period(couch, tdb, 
 # The bad-input catalog (docs/bad-inputs.md): one test per row ################
 
 CATALOG = os.path.join(ROOT, "docs", "bad-inputs.md")
-
-
-def free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 def assert_clear(result, code, *phrases):

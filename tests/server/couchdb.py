@@ -72,12 +72,7 @@ def find_release(environ=None):
     return DEFAULT_RELEASE if os.path.isfile(DEFAULT_RELEASE) else None
 
 
-def free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
+from pouchdb import free_port  # noqa: E402  (this folder is on sys.path wherever it is used)
 
 
 def _random_hex(nbytes):
