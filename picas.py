@@ -1421,8 +1421,9 @@ def _now():
 
 
 def _hostname():
+    """This machine's name; ``$PICAS_HOSTNAME`` overrides it (containers that make one up)."""
     import socket
-    return socket.gethostname()
+    return os.environ.get("PICAS_HOSTNAME") or socket.gethostname()
 
 
 def job_ids(environ=None):
@@ -1744,6 +1745,9 @@ class _Claimer(object):
     max_skip = 1000
     #: Seconds an empty view read is trusted: a claim right after it returns None.
     empty_memory = 1.0
+    #: Pages in a row holding only tokens this pilot avoids (see RunActor._avoids)
+    #: after which a read counts as finding nothing.
+    max_avoided_pages = 8
 
     def __init__(self, db, view, design_doc="Monitor", pilot_id=None, **view_params):
         self.db = _database(db)
@@ -1753,6 +1757,7 @@ class _Claimer(object):
         self.stats = ClaimStats()
         self.stop = None            # callable: true when claiming must stop now
         self.lock_fields = {}       # written with every lock (heartbeat_interval)
+        self.avoid = None           # callable: true for a todo token this pilot leaves alone
         self.unsure = None          # the one lock body whose outcome is not known yet
         self._candidates = []
         self._fetched = 0.0
@@ -1763,6 +1768,8 @@ class _Claimer(object):
         self._misses = 0            # lock writes that lost since the last window read
         self._empty_at = -1e9       # when the view was last found empty (monotonic)
         self._held = None           # a token claimed with the last result, not yet handed out
+        self._avoided = 0           # todo rows of the last page the avoid check passed over
+        self._told_avoided = False  # the log said once why avoided tokens were passed over
 
     def claim(self):
         """Claim one token and return it as a :class:`Task`, or None when the view is empty.
@@ -1868,23 +1875,38 @@ class _Claimer(object):
         if not at_start and self._total and self._total > limit:
             skip = random.randint(0, min(self._total - limit, self.max_skip))
         self._skipped_to = skip
+        passed_over = 0                  # pages of tokens this pilot avoids, and nothing else
+        avoided = 0
         while True:
             result = self.db.view(self.view_name, limit=limit, skip=skip or None, **params)
             self.stats.view_reads += 1
             rows = result.get("rows", [])
             if skip or "startkey_docid" not in params:
                 self._total = result.get("total_rows")
+            self._avoided = 0
             self._candidates = [row["doc"] for row in rows if self._claimable(row.get("doc"))]
             self._rows = dict((row["id"], row) for row in rows)
-            if self._candidates or len(rows) < limit:
+            passed_over = passed_over + 1 if rows and self._avoided == len(rows) else 0
+            avoided += self._avoided
+            if self._candidates or len(rows) < limit or passed_over >= self.max_avoided_pages:
                 break
             params["startkey"], params["startkey_docid"] = rows[-1]["key"], rows[-1]["id"]
             skip = 1
         self._fetched = time.monotonic()
+        if avoided and not self._candidates and not self._told_avoided:
+            self._told_avoided = True
+            log.warning("passed over %d todo tokens in %s that this pilot leaves to others: "
+                        "they failed on this host before (failed_hosts; `picas.py reset todo` "
+                        "clears it), came back here with a retry exit code, or do not fit "
+                        "in the time left (%s)", avoided, self.view_name, RUNTIME_HINT_FIELD)
         return bool(self._candidates)
 
     def _claimable(self, doc):
         if token_state(doc) == "todo":
+            if self.avoid is not None and self.avoid(doc):
+                self.stats.skipped += 1
+                self._avoided += 1
+                return False
             problems = find_unstorable(doc)
             if not problems:
                 return True
@@ -2202,9 +2224,10 @@ class TaskViewIterator(ViewIterator):
     def stats(self):
         return self._claimer.stats
 
-    def _configure(self, stop_check, lock_fields):
+    def _configure(self, stop_check, lock_fields, avoid=None):
         self._claimer.stop = stop_check
         self._claimer.lock_fields = lock_fields
+        self._claimer.avoid = avoid
 
     def claim_task(self):
         return self._claimer.claim()
@@ -2252,10 +2275,11 @@ class PrioritizedViewIterator(ViewIterator):
                 setattr(merged, name, getattr(merged, name) + value)
         return merged
 
-    def _configure(self, stop_check, lock_fields):
+    def _configure(self, stop_check, lock_fields, avoid=None):
         for claimer in (self._high, self._low):
             claimer.stop = stop_check
             claimer.lock_fields = lock_fields
+            claimer.avoid = avoid
 
     def claim_task(self):
         for claimer in (self._high, self._low):      # at most one unsure lock, in either
@@ -2308,9 +2332,9 @@ class EndlessViewIterator(ViewIterator):
     def stats(self):
         return self.iterator.stats
 
-    def _configure(self, stop_check, lock_fields):
+    def _configure(self, stop_check, lock_fields, avoid=None):
         self._extra_stop = stop_check
-        self.iterator._configure(stop_check, lock_fields)
+        self.iterator._configure(stop_check, lock_fields, avoid)
 
     def _stopping(self):
         if self._stop or (self._extra_stop is not None and self._extra_stop()):
@@ -3022,6 +3046,345 @@ def _deep_copy(doc):
 
 
 ###############################################################################
+# A pilot's time and health: walltime, learned runtimes, black holes #########
+###############################################################################
+
+#: Seconds before the batch system's end of the job when claiming stops (the
+#: last result still has to be saved, and the pilot to exit on its own).
+WALLTIME_RESERVE = 60.0
+#: Seconds one query of the batch system (squeue, scontrol, qstat) may take.
+WALLTIME_QUERY_TIMEOUT = 10.0
+
+
+def _epoch(value):
+    """``value`` as a positive number of seconds, or None."""
+    try:
+        number = float(str(value).strip().strip('"'))
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 and number == number and number != float("inf") else None
+
+
+def _clock_seconds(text):
+    """Seconds in ``[days-]hours:minutes:seconds`` (or ``minutes:seconds``, or ``minutes``).
+
+    SLURM's time format (``squeue -o %L``) and PBS's walltime (``hh:mm:ss``).
+    None for anything else ("UNLIMITED", "NOT_SET", "INVALID", garbage).
+    """
+    text = (text or "").strip()
+    days = 0
+    if "-" in text:
+        head, _, text = text.partition("-")
+        if not head.isdigit():
+            return None
+        days = int(head)
+    parts = text.split(":")
+    if not parts or len(parts) > 3 or not all(p.strip().isdigit() for p in parts):
+        return None
+    values = [int(p) for p in parts]
+    if len(parts) == 1:
+        seconds = values[0] * 60             # SLURM: a bare number is minutes
+    else:
+        while len(values) < 3:
+            values.insert(0, 0)
+        seconds = values[0] * 3600 + values[1] * 60 + values[2]
+    return float(days * 86400 + seconds)
+
+
+def _query(argv, environ):
+    """The standard output of a batch-system command, or None (missing, failing, too slow)."""
+    import subprocess
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, env=dict(environ),
+                              timeout=WALLTIME_QUERY_TIMEOUT, universal_newlines=True)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not answer within %.0f s: walltime not taken from it",
+                    argv[0], WALLTIME_QUERY_TIMEOUT)
+        return None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        log.debug("%s: %s", argv[0], exc)
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _read_ad(path):
+    """An HTCondor ClassAd file as {name: text}, or {}."""
+    ad = {}
+    try:
+        with open(path) as fh:
+            for line in fh:
+                name, sep, value = line.partition("=")
+                if sep:
+                    ad[name.strip()] = value.strip()
+    except (OSError, UnicodeDecodeError, TypeError):
+        pass
+    return ad
+
+
+def _slurm_end(env, now):
+    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    end = _epoch(env.get("SLURM_JOB_END_TIME"))
+    if end:
+        return end, "SLURM_JOB_END_TIME of SLURM job %s" % job
+    if not job:
+        return None
+    out = _query(["squeue", "-h", "-j", job, "-o", "%L"], env)
+    left = _clock_seconds(out.strip().splitlines()[0]) if out and out.strip() else None
+    if left is not None:
+        return now + left, "squeue (time left of SLURM job %s)" % job
+    out = _query(["scontrol", "show", "job", "-o", job], env)
+    for field in (out or "").split():
+        name, _, value = field.partition("=")
+        if name == "EndTime":
+            try:
+                # scontrol prints the end in the node's local time.
+                return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S")), \
+                    "scontrol (EndTime of SLURM job %s)" % job
+            except (ValueError, OverflowError):
+                return None
+    return None
+
+
+def _pbs_end(env, now):
+    job = env.get("PBS_JOBID")
+    if not job:
+        return None
+    out = _query(["qstat", "-f", job], env) or ""
+    fields = {}
+    for line in out.splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            fields[name.strip()] = value.strip()
+    left = _epoch(fields.get("Walltime.Remaining"))          # Torque
+    if left:
+        return now + left, "qstat (Walltime.Remaining of PBS job %s)" % job
+    limit = _clock_seconds(fields.get("Resource_List.walltime"))
+    used = _clock_seconds(fields.get("resources_used.walltime")) or 0.0
+    if limit:
+        return now + limit - used, "qstat (walltime limit minus used of PBS job %s)" % job
+    limit = _epoch(env.get("PBS_WALLTIME"))                  # Torque sets it in seconds
+    if limit:
+        return now + limit, "PBS_WALLTIME of PBS job %s (counted from now)" % job
+    return None
+
+
+def _htcondor_end(env, now):
+    found = []
+    job = _read_ad(env.get("_CONDOR_JOB_AD"))
+    started = _epoch(job.get("JobCurrentStartDate")) or _epoch(job.get("JobStartDate")) or now
+    seconds = _epoch(job.get("MaxRuntime"))
+    if seconds is None and _epoch(job.get("MaxWallTimeMins")):
+        seconds = _epoch(job.get("MaxWallTimeMins")) * 60
+    if seconds:
+        found.append((started + seconds, "the HTCondor job ad (MaxRuntime / MaxWallTimeMins)"))
+    machine = _read_ad(env.get("_CONDOR_MACHINE_AD"))
+    to_die = _epoch(machine.get("GLIDEIN_ToDie"))
+    if to_die:
+        found.append((to_die, "the HTCondor machine ad (GLIDEIN_ToDie)"))
+    return min(found) if found else None
+
+
+def detect_walltime(environ=None, now=None):
+    """When does this batch job end? Returns ``(end, source)``: a Unix time and where
+    it was found, or ``(None, what was looked at)``.
+
+    Looked at, first found wins: ``$PICAS_END_TIME`` (a Unix time, for any
+    wrapper that knows better, e.g. a DIRAC job given its CPUTime); SLURM:
+    ``SLURM_JOB_END_TIME``, else ``squeue -j $SLURM_JOB_ID -o %L``, else
+    ``scontrol show job``; PBS/Torque: ``qstat -f $PBS_JOBID``, else
+    ``PBS_WALLTIME``; HTCondor: ``MaxRuntime`` or ``MaxWallTimeMins`` in the
+    job ad, ``GLIDEIN_ToDie`` in the machine ad. A query tool that is
+    missing, fails or takes longer than WALLTIME_QUERY_TIMEOUT seconds is
+    passed over: detection never blocks or fails a pilot.
+    """
+    env = os.environ if environ is None else environ
+    now = time.time() if now is None else now
+    end = _epoch(env.get("PICAS_END_TIME"))
+    if end:
+        return end, "PICAS_END_TIME"
+    looked = ["PICAS_END_TIME"]
+    for name, probe, marker in (("SLURM", _slurm_end, ("SLURM_JOB_ID", "SLURM_JOBID")),
+                                ("PBS", _pbs_end, ("PBS_JOBID",)),
+                                ("HTCondor", _htcondor_end, ("_CONDOR_JOB_AD",
+                                                             "_CONDOR_MACHINE_AD"))):
+        if not any(env.get(m) for m in marker):
+            continue
+        looked.append(name)
+        try:
+            found = probe(env, now)
+        except Exception as exc:             # a strange batch system never stops a pilot
+            log.warning("could not read the walltime from %s: %r", name, exc)
+            found = None
+        if found:
+            return found
+    return None, "no time limit found (looked at %s)" % ", ".join(looked)
+
+
+def walltime_limit(environ=None, reserve=WALLTIME_RESERVE):
+    """Seconds from now until claiming should stop (the job's end less ``reserve``), or
+    None when no limit was found; says in the log what it found and where."""
+    end, source = detect_walltime(environ)
+    if end is None:
+        log.info("walltime: %s; claiming goes on until the view is empty", source)
+        return None
+    left = end - time.time()
+    log.info("walltime: this job ends at %s UTC (from %s), in %s; claiming stops %.0f s "
+             "before", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(end)), source,
+             _duration(max(0, left)), reserve)
+    return max(0.0, left - reserve)
+
+
+#: Learned runtimes: a token is claimed only when the time left is at least
+#: MARGIN x (the 90th percentile of the known run times) + SLACK seconds.
+RUNTIME_MARGIN = 1.25
+RUNTIME_SLACK = 2.0
+#: How many run times of its own a pilot keeps, and how many finished tokens
+#: of the pool it reads (the latest changes) when it starts with a time limit.
+RUNTIME_SAMPLES = 50
+#: A token may say how long it needs: ``expected_run_seconds`` (a number).
+RUNTIME_HINT_FIELD = "expected_run_seconds"
+
+
+class _Runtimes(object):
+    """What this pilot knows about how long tokens take.
+
+    Its own finished runs (a run killed by max_token_time counts as that
+    long) come first: once it has three, the pool's are no longer used. The
+    pool's are the ``run_seconds`` of the latest successfully finished
+    tokens, read once from ``_changes``. Until anything is known,
+    :meth:`needed` is None: claim.
+    """
+
+    def __init__(self):
+        self.own = []
+        self.pool = []
+
+    def learn(self, seconds):
+        if seconds is not None and seconds >= 0:
+            self.own = (self.own + [float(seconds)])[-RUNTIME_SAMPLES:]
+
+    def read_pool(self, db):
+        """Read the run times of the pool's latest finished tokens (one request)."""
+        try:
+            result = db.request("GET", "/_changes", params={
+                "descending": True, "limit": RUNTIME_SAMPLES * 4, "include_docs": True},
+                retry=True, timeout=DEFAULT_TIMEOUT)[2]
+        except PicasError as exc:
+            log.debug("could not read the pool's run times: %s", exc)
+            return
+        samples = []
+        for change in (result or {}).get("results", []) if isinstance(result, dict) else []:
+            doc = change.get("doc") or {}
+            seconds = doc.get("run_seconds")
+            if doc.get("type") == "token" and token_state(doc) == "done" and \
+                    isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and \
+                    0 <= seconds < 1e9:
+                samples.append(float(seconds))
+        self.pool = samples[:RUNTIME_SAMPLES]
+
+    def samples(self):
+        return self.own if len(self.own) >= 3 else self.own + self.pool
+
+    def needed(self, max_token_time=None):
+        """Seconds the next token should be given, margin included; None when unknown."""
+        samples = sorted(self.samples())
+        if not samples:
+            return None
+        p90 = samples[min(len(samples) - 1, int(0.9 * len(samples)))]
+        need = RUNTIME_MARGIN * p90 + RUNTIME_SLACK
+        return min(need, max_token_time + RUNTIME_SLACK) if max_token_time else need
+
+    def describe(self):
+        own, pool = len(self.own), len(self.pool) if len(self.own) < 3 else 0
+        return "%d runs of this pilot%s" % (own, " and %d of the pool" % pool if pool else "")
+
+
+#: Exit codes of a task that mean "not this token's fault, try again later"
+#: (75 is EX_TEMPFAIL): the token goes back to todo without a scrub.
+RETRY_EXIT_CODES = (75,)
+#: A token sent back that way more often than this goes to error.
+MAX_RETRIES = 10
+#: A token that was killed by max_token_time, or whose pilot died running it,
+#: this many times goes to error as "poison" (it would loop forever).
+POISON_AFTER = 3
+#: A black hole: this many tasks in a row failing within FAST_FAILURE seconds
+#: (or with exit code 126 or 127: not executable, command not found) stop the
+#: pilot; its exit status is EXIT_BLACK_HOLE.
+BLACK_HOLE = 3
+FAST_FAILURE = 10.0
+
+
+class _HostHealth(object):
+    """The black-hole detector: this host's streak of fast failures.
+
+    A failure counts when it was fast (or exit code 126/127) and the token
+    had not already failed on another host (then it is the token's fault);
+    a success ends the streak. ``record`` returns True when the streak
+    reaches ``limit``: the host is broken.
+    """
+
+    def __init__(self, limit=BLACK_HOLE, fast=FAST_FAILURE):
+        self.limit = limit or 0
+        self.fast = fast
+        self.streak = []             # (token id, revision saved, scrub_count before) in a row
+        self.broken = None           # why this host stopped claiming
+
+    def judge(self, code, seconds, token):
+        """True when a failure with exit ``code`` after ``seconds`` blames the host.
+
+        A slow failure of a token that failed nowhere else ends the streak
+        (this host ran something for a while). One that failed on another
+        host already, or a token already in the streak (one token failing
+        again and again proves nothing about the host), leaves it as it is.
+        """
+        if not self.limit or code in (0, None):
+            return False
+        if [h for h in _failed_hosts(token) if h != _hostname()] or \
+                token.get("_id") in [entry[0] for entry in self.streak]:
+            return False
+        if code in (126, 127) or (seconds is not None and seconds < self.fast):
+            return True
+        self.success()
+        return False
+
+    def success(self):
+        del self.streak[:]
+
+    def tripped(self):
+        return bool(self.limit) and len(self.streak) + 1 >= self.limit
+
+
+def _failed_hosts(doc):
+    hosts = doc.get("failed_hosts") if isinstance(doc, dict) else None
+    return [h for h in hosts if isinstance(h, str)] if isinstance(hosts, list) else []
+
+
+def _requeue(doc, why=None, **counts):
+    """Put ``doc`` back to todo in memory without charging a scrub (lock = done = 0).
+
+    ``counts`` are fields to raise by one (``retries``); logs, exit code and
+    the error list stay to explain the attempt; ``why`` is logged into it.
+    """
+    doc["lock"] = doc["done"] = 0
+    for field in _JOB_ID_FIELDS + _CLAIM_FIELDS:
+        doc.pop(field, None)
+    for field in counts:
+        doc[field] = (_parse_int(doc.get(field)) or 0) + 1
+    if why:
+        errors = doc.get("error") if isinstance(doc.get("error"), list) else []
+        doc["error"] = errors + [{"time": _now(), "message": why, "hostname": _hostname()}]
+    return doc
+
+
+def _poison(doc, why):
+    """Put ``doc`` in error for good: it was killed or took its pilot down too often."""
+    doc["poison"] = why
+    Task.error(doc, "poison: " + why)
+    return doc
+
+
+###############################################################################
 # The actor loop ##############################################################
 ###############################################################################
 
@@ -3172,6 +3535,7 @@ class _TokenRun(object):
         self.claimed = _deep_copy(token)
         self.state = "claimed"
         self.outcome = None          # finished, timeout, failed or interrupted
+        self.seconds = None          # how long prepare_run and process_task took
         self.journal_path = None
         self.lease = _Lease(db, token, self.claimed, heartbeat)
 
@@ -3209,6 +3573,10 @@ class RunActor(object):
     back (default todo); ``heartbeat`` is the seconds between heartbeats;
     ``journal`` the :class:`Journal` (a folder) results wait in until the
     server holds them (default ``$PICAS_JOURNAL`` or ``./picas-journal``).
+    ``retry_exit_codes`` (default 75) send a token back to todo without a
+    scrub, at most ``max_retries`` times; ``poison_after`` timeouts put a
+    token in error for good; ``black_hole`` tasks in a row failing within
+    ``fast_failure`` seconds stop the pilot (``host_failure`` says why).
 
     Guarantees (each proven by the test suite; see the README):
 
@@ -3233,7 +3601,9 @@ class RunActor(object):
 
     def __init__(self, db, iterator=None, view="todo", token_reset_values=(0, 0),
                  design_doc="Monitor", heartbeat=DEFAULT_HEARTBEAT, grace=DEFAULT_GRACE,
-                 journal=None, **view_params):
+                 journal=None, retry_exit_codes=RETRY_EXIT_CODES, max_retries=MAX_RETRIES,
+                 poison_after=POISON_AFTER, black_hole=BLACK_HOLE, fast_failure=FAST_FAILURE,
+                 **view_params):
         if isinstance(db, ViewIterator) and hasattr(db, "client"):
             # The old API: RunActor(iterator, modifier).
             iterator, self.modifier, self.client = db, iterator, db.client
@@ -3246,6 +3616,12 @@ class RunActor(object):
         self.heartbeat = heartbeat
         self.grace = grace
         self.journal = journal if isinstance(journal, Journal) else Journal(journal)
+        self.retry_exit_codes = tuple(retry_exit_codes or ())
+        self.max_retries = max_retries
+        self.poison_after = poison_after
+        self.black_hole = black_hole
+        self.fast_failure = fast_failure
+        self.host_failure = None     # why this host stopped claiming (a black hole), if it did
         self.current_task = None
         self.tasks_processed = 0
         self.subprocess = None
@@ -3288,14 +3664,18 @@ class RunActor(object):
         """Process tokens until the view is empty or a stop criterion holds.
 
         No new token is claimed once ``max_tasks`` tokens were processed,
-        ``max_total_time`` seconds have passed, fewer than ``max_token_time``
-        seconds of ``max_total_time`` remain (a token that cannot finish is not
-        started), or ``stop_function(**stop_function_args)``, asked after each
-        token with ``current_task`` still set (as upstream), was true. A failed
-        token with ``scrub_count < max_scrub`` goes back to todo with
-        ``scrub_count + 1``. Through a server outage or a degraded cluster the
-        pilot waits (up to OUTAGE_PATIENCE seconds, unless its iterator is
-        endless) and then raises the error.
+        ``max_total_time`` seconds have passed (``"auto"``: the batch job's
+        end found by :func:`detect_walltime`, less WALLTIME_RESERVE), the time
+        left is shorter than a token is expected to need (learned from run
+        times, see :class:`_Runtimes`; until anything is known, it claims;
+        ``max_token_time`` caps the estimate and stays the kill limit), the
+        host turned out to be a black hole, or
+        ``stop_function(**stop_function_args)``, asked after each token with
+        ``current_task`` still set (as upstream), was true. A failed token with
+        ``scrub_count < max_scrub`` goes back to todo with ``scrub_count + 1``.
+        Through a server outage or a degraded cluster the pilot waits (up to
+        OUTAGE_PATIENCE seconds, unless its iterator is endless) and then
+        raises the error.
         """
         if stop_function is None and "maxtime" in stop_function_args:
             maxtime = stop_function_args.pop("maxtime")      # the old API's run(maxtime=...)
@@ -3312,6 +3692,8 @@ class RunActor(object):
             try:
                 self.prepare_env()
                 self._replay_journal()
+                if self._limits[1] is not None and isinstance(self._db, Database):
+                    self._runtimes.read_pool(self._db)
                 self._loop()
             except StopBudgetExceeded:
                 log.error("stopping took longer than %.0f s; what was not written is in the "
@@ -3340,15 +3722,22 @@ class RunActor(object):
         _ensure_log_output()
         self._defaults()
         self._start = time.monotonic()
+        if max_total_time == "auto":
+            max_total_time = walltime_limit()
         self._limits = (max_token_time, max_total_time, max_tasks, stop_function,
                         stop_function_args)
         self._max_scrub = max_scrub or 0
         self._max_token_time = max_token_time
         self._budget_armed = False
         self._stop_requested = False
+        self._stop_told = False          # the reason to stop claiming was logged
+        self._runtimes = _Runtimes()
+        self._health = _HostHealth(self.black_hole, self.fast_failure)
+        self._retried_here = set()       # ids sent back with a retry exit code by this pilot
+        self.host_failure = None
         if hasattr(self.iterator, "_configure"):
             self.iterator._configure(lambda: not self._may_claim(),
-                                     {"heartbeat_interval": self.heartbeat or 0})
+                                     {"heartbeat_interval": self.heartbeat or 0}, self._avoids)
 
     def _enter(self):
         """Become the running pilot: its signal handlers, and the settings tasks read (_active)."""
@@ -3443,7 +3832,10 @@ class RunActor(object):
                             ("grace", DEFAULT_GRACE), ("current_task", None),
                             ("tasks_processed", 0), ("subprocess", None), ("stop_signal", None),
                             ("_phase", "idle"), ("_token_run", None), ("_running", False),
-                            ("_stop_requested", False)):
+                            ("_stop_requested", False), ("retry_exit_codes", RETRY_EXIT_CODES),
+                            ("max_retries", MAX_RETRIES), ("poison_after", POISON_AFTER),
+                            ("black_hole", BLACK_HOLE), ("fast_failure", FAST_FAILURE),
+                            ("host_failure", None)):
             if not hasattr(self, name):
                 setattr(self, name, value)
         if not isinstance(getattr(self, "journal", None), Journal):
@@ -3458,17 +3850,42 @@ class RunActor(object):
     def _may_claim(self, finishing=0):
         """True while a new token may be claimed (``finishing``: tokens about to be counted)."""
         max_token_time, max_total_time, max_tasks = self._limits[:3]
-        if self.stop_signal is not None or self._stop_requested:
+        if self.stop_signal is not None or self._stop_requested or self.host_failure:
             return False
         if max_tasks and self.tasks_processed + finishing >= max_tasks:
             return False
-        if max_total_time is not None:
-            remaining = max_total_time - (time.monotonic() - self._start)
-            if remaining <= 0 or (max_token_time and remaining < max_token_time):
-                log.info("stopping: %.0f s of max_total_time left, max_token_time is %s s",
-                         max(0, remaining), max_token_time)
+        remaining = self._time_left()
+        if remaining is not None:
+            need = self._runtimes.needed(max_token_time)
+            if remaining <= 0 or (need is not None and remaining < need):
+                if not self._stop_told:
+                    self._stop_told = True
+                    log.info("stopping: %.0f s of the time limit left%s", max(0, remaining),
+                             ", and a token needs about %.0f s (from %s)" % (
+                                 need, self._runtimes.describe()) if need is not None else "")
                 return False
         return True
+
+    def _time_left(self):
+        """Seconds left of ``max_total_time``, or None without a limit."""
+        max_total_time = self._limits[1]
+        if max_total_time is None:
+            return None
+        return max_total_time - (time.monotonic() - self._start)
+
+    def _avoids(self, doc):
+        """True for a todo token this pilot leaves to others (checked before locking it).
+
+        One it sent back with a retry exit code already; one that failed
+        this host as a black hole before (``failed_hosts``); one whose
+        ``expected_run_seconds`` (+ RUNTIME_SLACK) does not fit in the time left.
+        """
+        if doc.get("_id") in self._retried_here or _hostname() in _failed_hosts(doc):
+            return True
+        hint = doc.get(RUNTIME_HINT_FIELD)
+        left = self._time_left()
+        return (left is not None and isinstance(hint, (int, float)) and
+                not isinstance(hint, bool) and hint + RUNTIME_SLACK > left)
 
     def _process(self, task):
         """Run one claimed token and save its result (or give it back)."""
@@ -3481,7 +3898,11 @@ class RunActor(object):
                 elif run.lease.lost is not None:
                     run.outcome = "lost"                 # reset or taken before it started
                 else:
-                    run.outcome = self._run_hooks(run)
+                    started = time.monotonic()
+                    try:
+                        run.outcome = self._run_hooks(run)
+                    finally:
+                        run.seconds = time.monotonic() - started
             except (SystemExit, KeyboardInterrupt):
                 # User code ended the pilot (sys.exit() in process_task): not a result.
                 run.lease.stop()
@@ -3614,21 +4035,103 @@ class RunActor(object):
                        % "; ".join(problems))
             log.error("token %s: %s", task["_id"], message)
             task.error(message)
-        # The error view's test (the claim set lock, done is set above), also for
-        # the documents of a _ContractDatabase, which may have no type field.
-        failed = _parse_int(task.get("exit_code")) != 0
-        if failed and _scrub_count(task) < self._max_scrub:
-            log.info("token %s failed (exit code %s): back to todo for attempt %d of %d",
-                     task["_id"], task.get("exit_code"), _scrub_count(task) + 2,
-                     self._max_scrub + 1)
-            Task.scrub(task)
+        blames_host = self._dispose(run)
         run.state = "journaling"          # a stop's time budget waits for this write
         if isinstance(self._db, Database):
             run.journal_path = self.journal.write(task, run.claimed, self._db, self.pilot_id)
         # else: a _ContractDatabase cannot say which database it is, so no replay
         # could find the right one: its results are not journaled.
         run.state = "journaled"
-        self._save_result(run)
+        saved = self._save_result(run) == "saved"
+        if self.host_failure:
+            self._clear_streak()
+        elif blames_host and saved:
+            self._health.streak.append((task["_id"], task.get("_rev"), _scrub_count(run.claimed)))
+
+    def _dispose(self, run):
+        """Decide where a finished token goes; return True when its failure blames the host.
+
+        In this order: success: done. A fast failure that completes a black
+        hole's streak: back to todo, not charged, this host in
+        ``failed_hosts``, and the pilot stops claiming. A retry exit code:
+        back to todo, not charged (error after ``max_retries``). Killed by
+        max_token_time ``poison_after`` times: error for good. Otherwise a
+        failure: back to todo with a scrub while ``max_scrub`` allows, else
+        error (the error view's test: the claim set lock, done is set, the
+        exit code is not 0; also for a _ContractDatabase's documents, which
+        may have no type field).
+        """
+        task = run.token
+        code = _parse_int(task.get("exit_code"))
+        if code == 0:
+            self._runtimes.learn(run.seconds)
+            self._health.success()
+            return False
+        if run.outcome == "timeout":
+            self._runtimes.learn(self._max_token_time)
+        # A task killed by max_token_time ran as long as it was let: never "fast".
+        blames_host = run.outcome != "timeout" and self._health.judge(code, run.seconds, task)
+        if blames_host and self._health.tripped():
+            self.host_failure = ("%d tasks in a row failed on %s within %.0f s or could not "
+                                 "be executed (exit codes 126/127); the last one %s exited "
+                                 "with %s" % (self._health.limit, _hostname(),
+                                              self._health.fast, task["_id"], code))
+            log.error("this host looks broken (a black hole): %s. Stopping; the tokens it "
+                      "failed go back to todo, not charged, and name this host in "
+                      "failed_hosts, so pilots here pass them over", self.host_failure)
+            task["scrub_count"] = _scrub_count(run.claimed)
+            _requeue(task, "failed on a host that looks broken: " + self.host_failure)
+            task["failed_hosts"] = _failed_hosts(task) + [_hostname()]
+            return True
+        if code in self.retry_exit_codes and run.outcome == "finished":
+            retries = (_parse_int(task.get("retries")) or 0) + 1
+            if self.max_retries is not None and retries > self.max_retries:
+                task["retries"] = retries
+                Task.error(task, "exit code %d (try again later) came back %d times: given "
+                           "up" % (code, retries))
+            else:
+                log.info("token %s: exit code %d (try again later): back to todo, not "
+                         "charged (retry %d of %s)", task["_id"], code, retries,
+                         self.max_retries)
+                _requeue(task, None, retries=1)
+                self._retried_here.add(task["_id"])
+            return blames_host
+        if run.outcome == "timeout":
+            timeouts = task["timeouts"] = (_parse_int(task.get("timeouts")) or 0) + 1
+            if self.poison_after and timeouts >= self.poison_after:
+                log.error("token %s was killed by max_token_time %d times: poison, to error "
+                          "for good", task["_id"], timeouts)
+                _poison(task, "killed by max_token_time (%s s) %d times" %
+                        (self._max_token_time, timeouts))
+                return False
+        if _scrub_count(task) < self._max_scrub:
+            log.info("token %s failed (exit code %s): back to todo for attempt %d of %d",
+                     task["_id"], task.get("exit_code"), _scrub_count(task) + 2,
+                     self._max_scrub + 1)
+            Task.scrub(task)
+        return blames_host
+
+    def _clear_streak(self):
+        """A black hole: the tokens it failed before the last one go back to todo, uncharged.
+
+        Only those nobody changed since this pilot saved them (compare-and-set
+        on that revision); this host is added to their ``failed_hosts``.
+        """
+        streak, self._health.streak = self._health.streak, []
+        for token_id, rev, scrub_count in streak:
+            try:
+                current = self._db.get(token_id)
+                if current is None or current.get("_rev") != rev:
+                    continue                 # run or changed by someone since: left alone
+                current["scrub_count"] = scrub_count
+                _requeue(current, "failed on a host that looks broken: " + self.host_failure)
+                current["failed_hosts"] = _failed_hosts(current) + [_hostname()]
+                self._db.save(current)
+                log.info("token %s back to todo, not charged (failed on this broken host)",
+                         token_id)
+            except PicasError as exc:
+                log.warning("token %s: could not send it back to todo (%s); it keeps the "
+                            "failure this host gave it", token_id, exc)
 
     def _claim_ahead(self):
         """The claimer that may lock the next token in the same request as this result.
@@ -4176,14 +4679,29 @@ def _tombstone(doc):
     return {"_id": doc["_id"], "_rev": doc["_rev"], "_deleted": True}
 
 
-def repair_plan(db, doc, now=None, lease=None):
+def free_stale(doc, poison_after=POISON_AFTER):
+    """A token whose pilot died, back to todo in memory (a scrub), counted in ``lost_pilots``.
+
+    The ``poison_after``-th time (0: never) it goes to error for good instead,
+    as poison: a token that takes its pilot down (out of memory, a crash of
+    the node) would otherwise do it again and again.
+    """
+    lost = doc["lost_pilots"] = (_parse_int(doc.get("lost_pilots")) or 0) + 1
+    if poison_after and lost >= poison_after:
+        return _poison(doc, "%d pilots died while running it (no heartbeat: killed, out of "
+                       "memory, or their node was lost)" % lost)
+    return scrub_token(doc)
+
+
+def repair_plan(db, doc, now=None, lease=None, poison_after=POISON_AFTER):
     """The writes that free a token from dead pilots: a list of documents, maybe empty.
 
     A token on a CouchDB cluster can hold several revisions ("leaves") after
     concurrent lock writes. Leaves locked by a pilot that is gone
     (:func:`is_stale`) are removed; if the winning leaf is such a leaf and no
-    other leaf is alive, the token goes back to todo instead. Leaves that hold
-    a result or a live lock are never touched.
+    other leaf is alive, the token goes back to todo instead (or to error as
+    poison: :func:`free_stale`). Leaves that hold a result or a live lock are
+    never touched.
     """
     winner = dict(doc)
     conflict_revs = winner.pop("_conflicts", None) or []
@@ -4193,7 +4711,7 @@ def repair_plan(db, doc, now=None, lease=None):
         if len(writes) < len(losers):
             writes.append(_tombstone(winner))      # a live or finished leaf takes over
         else:
-            writes.append(scrub_token(winner))
+            writes.append(free_stale(winner, poison_after))
     return writes
 
 
@@ -4585,7 +5103,7 @@ _register_upstream_modules()
 ###############################################################################
 
 #: Exit statuses of ``picas.py`` (``run`` adds 128 + N when stopped by signal N).
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_WORK = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_WORK, EXIT_BLACK_HOLE = 0, 1, 2, 3, 4
 
 _EPILOG = """\
 connection settings, highest precedence first: the --url/--db/--user flags; the
@@ -4605,7 +5123,8 @@ examples:
   python picas.py replay picas-journal           save results a killed pilot left
 
 exit status: 0 done, 1 error, 2 bad usage or settings, 3 no work found
-(run), 128+N stopped by signal N (run).
+(run), 4 this host looks broken: its tasks failed fast in a row (run),
+128+N stopped by signal N (run).
 """
 
 
@@ -4708,6 +5227,26 @@ def _number(kind, minimum, inclusive=True):
     return convert
 
 
+def _max_time(text):
+    """--max-time: ``auto`` or a number of seconds."""
+    return "auto" if text.strip().lower() == "auto" else _number(float, 0, False)(text)
+
+
+def _exit_codes(text):
+    """--retry-codes: a comma-separated list of exit codes 1-255 (empty for none)."""
+    import argparse
+    codes = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit() or not 0 < int(part) < 256:
+            raise argparse.ArgumentTypeError(
+                "%r: give exit codes from 1 to 255, separated by commas (e.g. 75,99)" % part)
+        codes.append(int(part))
+    return tuple(codes)
+
+
 def _build_parser():
     import argparse
     prog = os.path.basename(sys.argv[0] or "") if sys.argv else ""
@@ -4756,12 +5295,29 @@ def _build_parser():
     p = sub.add_parser("run", help="run a command for every token (the generic pilot)")
     p.add_argument("--view", default="todo", help="view to take tokens from (default: todo)")
     p.add_argument("--max-tasks", type=_number(int, 1), metavar="N", help="stop after N tokens")
-    p.add_argument("--max-time", type=_number(float, 0, False), metavar="S",
-                   help="claim nothing after S seconds (walltime)")
+    p.add_argument("--max-time", type=_max_time, default="auto", metavar="auto|S",
+                   help="claim nothing after S seconds; auto (the default): the batch job's "
+                   "end (SLURM, PBS/Torque, HTCondor, $PICAS_END_TIME) less %.0f s, if found"
+                   % WALLTIME_RESERVE)
     p.add_argument("--max-token-time", type=_number(float, 0, False), metavar="S",
                    help="kill a task after S seconds (exit code 124)")
     p.add_argument("--max-scrub", type=_number(int, 0), default=0, metavar="N",
                    help="retry a failed token up to N times")
+    p.add_argument("--retry-codes", type=_exit_codes, default=RETRY_EXIT_CODES, metavar="LIST",
+                   help="task exit codes that mean 'try again later': back to todo, not "
+                   "charged (default: %s; '' for none)" % ",".join(map(str, RETRY_EXIT_CODES)))
+    p.add_argument("--max-retries", type=_number(int, 0), default=MAX_RETRIES, metavar="N",
+                   help="a token given back with a retry code more than N times goes to "
+                   "error (default: %(default)s)")
+    p.add_argument("--poison-after", type=_number(int, 0), default=POISON_AFTER, metavar="N",
+                   help="a token killed by --max-token-time N times goes to error for good "
+                   "(default: %(default)s; 0: never)")
+    p.add_argument("--black-hole", type=_number(int, 0), default=BLACK_HOLE, metavar="N",
+                   help="stop (exit status 4) after N tasks in a row failed fast or with exit "
+                   "code 126/127; their tokens go back to todo (default: %(default)s; 0: off)")
+    p.add_argument("--fast-failure", type=_number(float, 0, False), default=FAST_FAILURE,
+                   metavar="S", help="a failure within S seconds counts for --black-hole "
+                   "(default: %(default)s)")
     p.add_argument("--endless", action="store_true", help="wait for new tokens when the view is empty")
     p.add_argument("--sleep", type=_number(float, 0, False), default=10.0, metavar="S",
                    help="with --endless: the first wait for new tokens; it doubles up to "
@@ -4797,6 +5353,9 @@ def _build_parser():
             p.add_argument("--lease", type=_number(float, 0, False), metavar="S",
                            help="with --stale: a heartbeat older than S seconds is a dead pilot "
                                 "(default: 3 x its interval + 60; never less than 2 x)")
+            p.add_argument("--poison-after", type=_number(int, 0), default=POISON_AFTER,
+                           metavar="N", help="with --stale: a token whose pilot died N times "
+                           "goes to error as poison (default: %(default)s; 0: never)")
         p.set_defaults(func=cmd_reset if name == "reset" else cmd_delete)
     return parser
 
@@ -5161,10 +5720,6 @@ def _check_command(command):
 def cmd_run(args, db):
     command = args.task[1:] if args.task[:1] == ["--"] else args.task
     _check_command(command)
-    if args.max_time and args.max_token_time and args.max_token_time >= args.max_time:
-        raise UsageError("--max-token-time %g is not shorter than --max-time %g: no token "
-                         "could start (a token is started only when it can finish in time)"
-                         % (args.max_token_time, args.max_time))
     _require_db(db)
     # Fail before claiming anything when the view does not exist.
     view = args.view if "/" in args.view else "%s/%s" % (args.design_doc, args.view)
@@ -5172,7 +5727,9 @@ def cmd_run(args, db):
         total_rows = db.view(view, limit=0).get("total_rows")
     actor = CommandActor(db, command, log_limit=args.log_limit, view=args.view,
                          design_doc=args.design_doc, heartbeat=args.heartbeat, grace=args.grace,
-                         journal=args.journal)
+                         journal=args.journal, retry_exit_codes=args.retry_codes,
+                         max_retries=args.max_retries, poison_after=args.poison_after,
+                         black_hole=args.black_hole, fast_failure=args.fast_failure)
     if args.endless:
         actor.iterator = EndlessViewIterator(actor.iterator, sleep_sec=args.sleep)
     # Pilots starting together then spread over the view from their first read.
@@ -5188,6 +5745,10 @@ def cmd_run(args, db):
     log.info("pilot finished: %d runs (%d done, %d error, %d back to todo for a retry)",
              actor.tasks_processed, actor.results["done"], actor.results["error"],
              actor.results["todo"])
+    if actor.host_failure:
+        log.error("pilot stopped: this host looks broken (%s); exit status %d",
+                  actor.host_failure, EXIT_BLACK_HOLE)
+        return EXIT_BLACK_HOLE
     return EXIT_OK if actor.tasks_processed else EXIT_NO_WORK
 
 
@@ -5223,10 +5784,17 @@ def cmd_reset(args, db):
         return EXIT_OK
     if not _confirm("reset %d tokens in %s to todo?" % (len(docs), args.view), args.yes):
         return EXIT_OK
-    changed, conflicts = bulk_apply(db, docs, scrub_token)
+    changed, conflicts = bulk_apply(db, docs, _operator_reset)
     print("reset %d tokens to todo%s" % (changed, ", %d changed meanwhile and were left alone"
                                          % conflicts if conflicts else ""))
     return EXIT_OK
+
+
+def _operator_reset(doc):
+    """``reset VIEW``: a scrub that also forgets the hosts the token failed on (an
+    operator who resets means "try again everywhere"); ``reset --stale`` keeps them."""
+    doc.pop("failed_hosts", None)
+    return scrub_token(doc)
 
 
 def _reset_stale(args, db):
@@ -5239,20 +5807,25 @@ def _reset_stale(args, db):
             doc = db.get(doc_id, conflicts=True)
             if doc is not None:
                 docs[doc_id] = doc
-    plans = [plan for plan in (repair_plan(db, doc, now, args.lease) for doc in docs.values())
-             if plan]
+    plans = [plan for plan in (repair_plan(db, doc, now, args.lease, args.poison_after)
+                               for doc in docs.values()) if plan]
     if not plans:
         print("no stale tokens in %s" % args.view)
         return EXIT_OK
-    resets = sum(1 for plan in plans for d in plan if not d.get("_deleted"))
-    removed = sum(len(plan) for plan in plans) - resets
-    question = "reset %d stale tokens to todo%s?" % (
-        resets, " and remove %d revisions of dead pilots' locks" % removed if removed else "")
+    kept = [d for plan in plans for d in plan if not d.get("_deleted")]
+    poisoned = sum(1 for d in kept if token_state(d) == "error")
+    resets = len(kept) - poisoned
+    removed = sum(len(plan) for plan in plans) - len(kept)
+    poison = (" and put %d in error as poison (pilots died running them %d times)"
+              % (poisoned, args.poison_after) if poisoned else "")
+    question = "reset %d stale tokens to todo%s%s?" % (
+        resets, poison, " and remove %d revisions of dead pilots' locks" % removed
+        if removed else "")
     if not _confirm(question, args.yes):
         return EXIT_OK
     changed, conflicts = bulk_apply(db, plans, lambda plan: plan)
-    print("reset %d stale tokens to todo%s%s" % (
-        resets, ", removed %d conflicting revisions" % removed if removed else "",
+    print("reset %d stale tokens to todo%s%s%s" % (
+        resets, poison, ", removed %d conflicting revisions" % removed if removed else "",
         ", %d writes met changes and were left alone" % conflicts if conflicts else ""))
     return EXIT_OK
 

@@ -518,13 +518,6 @@ def test_bad_numbers_are_usage_errors_that_touch_nothing(cli, tdb, args):
     assert revisions(tdb) == before
 
 
-def test_max_token_time_not_shorter_than_max_time_is_a_usage_error(cli, tdb):
-    make_tokens(tdb, ["a"])
-    result = cli("run", "--max-time", "10", "--max-token-time", "20", "--", "true")
-    assert result.code == picas.EXIT_USAGE and "no token could start" in result.err, result
-    assert states(tdb) == {"t-1": "todo"}
-
-
 def test_run_max_time_stops_claiming_in_time(cli, tdb):
     make_tokens(tdb, ["a", "b", "c", "d", "e", "f"])
     started = time.time()

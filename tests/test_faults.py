@@ -1147,7 +1147,10 @@ def test_bad_input_tokens_with_odd_fields(couch, tdb, tmp_path):
     tdb.update([dict(doc, _id=tid) for tid, doc in odd.items()])
     before = revisions(tdb)
     task = script(tmp_path / "task.sh", 'echo "[$1]"\n[ "$1" = fail ] && exit 4\nexit 0\n')
-    result = run_cli(couch, tdb, ["run", "--max-scrub", "1", "--", task], cwd=tmp_path)
+    # Three tokens fail fast for their own reasons: the black-hole check is off here
+    # (tests/test_pilot_health.py tests it).
+    result = run_cli(couch, tdb, ["run", "--max-scrub", "1", "--black-hole", "0", "--", task],
+                     cwd=tmp_path)
     assert_clear(result, 0)
     docs = token_docs(tdb)
     state = dict((tid, picas.token_state(doc)) for tid, doc in docs.items())
