@@ -3189,20 +3189,21 @@ def detect_walltime(environ=None, now=None):
     """When does this batch job end? Returns ``(end, source)``: a Unix time and where
     it was found, or ``(None, what was looked at)``.
 
-    Looked at, first found wins: ``$PICAS_END_TIME`` (a Unix time, for any
-    wrapper that knows better, e.g. a DIRAC job given its CPUTime); SLURM:
-    ``SLURM_JOB_END_TIME``, else ``squeue -j $SLURM_JOB_ID -o %L``, else
-    ``scontrol show job``; PBS/Torque: ``qstat -f $PBS_JOBID``, else
-    ``PBS_WALLTIME``; HTCondor: ``MaxRuntime`` or ``MaxWallTimeMins`` in the
-    job ad, ``GLIDEIN_ToDie`` in the machine ad. A query tool that is
+    Looked at, and the earliest end found wins: ``$PICAS_END_TIME`` (a Unix
+    time, for any wrapper that knows better, e.g. a DIRAC job given its
+    CPUTime); SLURM: ``SLURM_JOB_END_TIME``, else ``squeue -j $SLURM_JOB_ID
+    -o %L``, else ``scontrol show job``; PBS/Torque: ``qstat -f $PBS_JOBID``,
+    else ``PBS_WALLTIME``; HTCondor: ``MaxRuntime`` or ``MaxWallTimeMins`` in
+    the job ad, ``GLIDEIN_ToDie`` in the machine ad. A query tool that is
     missing, fails or takes longer than WALLTIME_QUERY_TIMEOUT seconds is
     passed over: detection never blocks or fails a pilot.
     """
     env = os.environ if environ is None else environ
     now = time.time() if now is None else now
+    found = []
     end = _epoch(env.get("PICAS_END_TIME"))
     if end:
-        return end, "PICAS_END_TIME"
+        found.append((end, "PICAS_END_TIME"))
     looked = ["PICAS_END_TIME"]
     for name, probe, marker in (("SLURM", _slurm_end, ("SLURM_JOB_ID", "SLURM_JOBID")),
                                 ("PBS", _pbs_end, ("PBS_JOBID",)),
@@ -3212,12 +3213,14 @@ def detect_walltime(environ=None, now=None):
             continue
         looked.append(name)
         try:
-            found = probe(env, now)
+            end = probe(env, now)
         except Exception as exc:             # a strange batch system never stops a pilot
             log.warning("could not read the walltime from %s: %r", name, exc)
-            found = None
-        if found:
-            return found
+            end = None
+        if end:
+            found.append(end)
+    if found:
+        return min(found)
     return None, "no time limit found (looked at %s)" % ", ".join(looked)
 
 
@@ -3576,7 +3579,8 @@ class RunActor(object):
     ``retry_exit_codes`` (default 75) send a token back to todo without a
     scrub, at most ``max_retries`` times; ``poison_after`` timeouts put a
     token in error for good; ``black_hole`` tasks in a row failing within
-    ``fast_failure`` seconds stop the pilot (``host_failure`` says why).
+    ``fast_failure`` seconds stop the pilot (``host_failure`` says why; off
+    by default here, as upstream had no such rule; ``picas.py run`` uses 3).
 
     Guarantees (each proven by the test suite; see the README):
 
@@ -3602,7 +3606,7 @@ class RunActor(object):
     def __init__(self, db, iterator=None, view="todo", token_reset_values=(0, 0),
                  design_doc="Monitor", heartbeat=DEFAULT_HEARTBEAT, grace=DEFAULT_GRACE,
                  journal=None, retry_exit_codes=RETRY_EXIT_CODES, max_retries=MAX_RETRIES,
-                 poison_after=POISON_AFTER, black_hole=BLACK_HOLE, fast_failure=FAST_FAILURE,
+                 poison_after=POISON_AFTER, black_hole=0, fast_failure=FAST_FAILURE,
                  **view_params):
         if isinstance(db, ViewIterator) and hasattr(db, "client"):
             # The old API: RunActor(iterator, modifier).
@@ -3666,8 +3670,9 @@ class RunActor(object):
         No new token is claimed once ``max_tasks`` tokens were processed,
         ``max_total_time`` seconds have passed (``"auto"``: the batch job's
         end found by :func:`detect_walltime`, less WALLTIME_RESERVE), the time
-        left is shorter than a token is expected to need (learned from run
-        times, see :class:`_Runtimes`; until anything is known, it claims;
+        left is shorter than a token is expected to need (with ``"auto"`` or
+        ``max_token_time`` only: learned from run times, see
+        :class:`_Runtimes`; until anything is known, it claims;
         ``max_token_time`` caps the estimate and stays the kill limit), the
         host turned out to be a black hole, or
         ``stop_function(**stop_function_args)``, asked after each token with
@@ -3722,6 +3727,7 @@ class RunActor(object):
         _ensure_log_output()
         self._defaults()
         self._start = time.monotonic()
+        self._hard_limit = max_total_time == "auto"     # the batch system ends the job then
         if max_total_time == "auto":
             max_total_time = walltime_limit()
         self._limits = (max_token_time, max_total_time, max_tasks, stop_function,
@@ -3834,8 +3840,8 @@ class RunActor(object):
                             ("_phase", "idle"), ("_token_run", None), ("_running", False),
                             ("_stop_requested", False), ("retry_exit_codes", RETRY_EXIT_CODES),
                             ("max_retries", MAX_RETRIES), ("poison_after", POISON_AFTER),
-                            ("black_hole", BLACK_HOLE), ("fast_failure", FAST_FAILURE),
-                            ("host_failure", None)):
+                            ("black_hole", 0), ("fast_failure", FAST_FAILURE),
+                            ("host_failure", None), ("_hard_limit", False)):
             if not hasattr(self, name):
                 setattr(self, name, value)
         if not isinstance(getattr(self, "journal", None), Journal):
@@ -3856,7 +3862,7 @@ class RunActor(object):
             return False
         remaining = self._time_left()
         if remaining is not None:
-            need = self._runtimes.needed(max_token_time)
+            need = self._runtimes.needed(max_token_time) if self._fit_check() else None
             if remaining <= 0 or (need is not None and remaining < need):
                 if not self._stop_told:
                     self._stop_told = True
@@ -3865,6 +3871,13 @@ class RunActor(object):
                                  need, self._runtimes.describe()) if need is not None else "")
                 return False
         return True
+
+    def _fit_check(self):
+        """True when a token is started only if it is expected to finish in time: with a
+        walltime from the batch system, or with ``max_token_time`` (upstream's rule,
+        which took every token to need all of it). A ``max_total_time`` alone means,
+        as upstream, "claim nothing after"."""
+        return self._hard_limit or bool(self._limits[0])
 
     def _time_left(self):
         """Seconds left of ``max_total_time``, or None without a limit."""
@@ -3884,7 +3897,7 @@ class RunActor(object):
             return True
         hint = doc.get(RUNTIME_HINT_FIELD)
         left = self._time_left()
-        return (left is not None and isinstance(hint, (int, float)) and
+        return (left is not None and self._fit_check() and isinstance(hint, (int, float)) and
                 not isinstance(hint, bool) and hint + RUNTIME_SLACK > left)
 
     def _process(self, task):

@@ -18,11 +18,14 @@
 # the PICAS_* environment variables (sbatch passes your environment on) or
 # from picas.py's lookup of picasconfig.py in this folder (chmod 600 it).
 #
-# Time limits. --time is the walltime; keep WALLTIME below equal to it.
-#   * --max-time: the pilot claims no new token after MAX_TIME seconds, so it
-#     does not start work it cannot finish. If you know how long one token
-#     may take, add --max-token-time S: a task running longer is killed (exit
-#     code 124) and no token is started when fewer than S seconds are left.
+# Time limits. --time is the walltime, and the only place you write it:
+#   * the pilot reads the job's end from SLURM (SLURM_JOB_END_TIME, or squeue
+#     for this job; --max-time auto, the default) and logs it. It claims a new
+#     token only when the run time it learned (its own tokens, at first the
+#     pool's recently finished ones) fits before that end, less a minute, so
+#     it does not start work it cannot finish. --max-token-time S kills a task
+#     running longer than S seconds (exit code 124; a token killed that way
+#     three times goes to error as poison).
 #   * --signal=B:USR1@300: SLURM sends SIGUSR1 to this batch script 300
 #     seconds before the walltime. Because the script exec's the pilot below,
 #     the pilot itself is the batch script's process and gets the signal (the
@@ -38,13 +41,13 @@
 #     1        an error (the server could not be reached, bad credentials...)
 #     2        bad usage or settings (no database name, task script missing...)
 #     3        no work: the view was empty (sacct shows FAILED; harmless)
+#     4        this node looks broken: three tasks in a row failed within 10 s
+#              (or could not be executed); their tokens went back to todo,
+#              marked so that pilots on this node pass them over
 #     128+N    stopped by signal N: 138 for SIGUSR1, 143 for SIGTERM
 # A failing task does not fail the pilot: its exit code goes into the token,
-# which then shows up in the error view.
-
-WALLTIME=3600                    # seconds, the same as --time above
-MARGIN=600                       # seconds kept free at the end
-MAX_TIME=$((WALLTIME - MARGIN))
+# which then shows up in the error view. A task that exits with 75 ("try
+# again later": storage busy, say) sends its token back to todo uncharged.
 
 cd "${SLURM_SUBMIT_DIR:-.}" || exit 2
 
@@ -65,4 +68,4 @@ echo "pilot ${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID:-?} on $(hostname) at
 # holds them (a pilot killed right after a task, or a server that stayed away):
 # every pilot of the array saves what it finds there before it claims, and
 # `python3 picas.py replay picas-journal` does it by hand.
-exec python3 "$PICAS" run --max-time "$MAX_TIME" --journal picas-journal -- "$TASK"
+exec python3 "$PICAS" run --max-time auto --journal picas-journal -- "$TASK"

@@ -9,12 +9,17 @@
 # (TASK_SCRIPT, default process_task.sh) and picasconfig.py; nothing else is
 # needed but a Python 3.6 or newer, which the script looks for as
 # $PICAS_PYTHON, python3, then python. The pilot claims
-# tokens until the todo view is empty or MAX_TIME seconds (default 72000,
-# 20 hours) have passed; keep MAX_TIME below the queue's walltime, with room
-# for the last token to finish.
+# tokens until the todo view is empty or the job's time is nearly up: MAX_TIME
+# seconds from now (default 72000, 20 hours; the walltime your JDL's CPUTime
+# buys at the sites you use), passed to the pilot as PICAS_END_TIME. The pilot
+# also asks the site's batch system (SLURM, PBS/Torque, HTCondor) and takes
+# the earliest end it finds; it claims a token only when its learned run time
+# fits before that end, less a minute.
 #
 # The script exits with the pilot's status: 0 tokens were processed, 1 an
-# error, 2 bad usage or settings, 3 no work found, 128+N stopped by signal N.
+# error, 2 bad usage or settings, 3 no work found, 4 this worker node looks
+# broken (its tasks failed fast, one after another: the tokens went back to
+# todo for other nodes), 128+N stopped by signal N.
 # Signals this shell receives (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGXCPU) are
 # passed on to the pilot, which then gives its running token back to todo.
 
@@ -35,6 +40,9 @@ echo "system:     $(uname -srm)"
 echo "directory:  $(pwd)"
 echo "job id:     ${DIRACJOBID:-${GLITE_WMS_JOBID:-unknown}}"
 echo "max time:   $MAX_TIME s"
+# The job's end as the pilot sees it, unless the wrapper set it already.
+PICAS_END_TIME=${PICAS_END_TIME:-$(( $(date +%s) + MAX_TIME ))}
+export PICAS_END_TIME
 echo "task:       $TASK"
 
 # A Python 3.6 or newer: picas.py uses nothing but its standard library.
@@ -84,7 +92,7 @@ trap 'forward INT INT' INT
 trap 'forward HUP TERM' HUP
 trap 'forward USR1 USR1' USR1
 trap 'forward XCPU XCPU' XCPU
-"$PYTHON" picas.py run --max-time "$MAX_TIME" --journal picas-journal -- "$TASK" &
+"$PYTHON" picas.py run --max-time auto --journal picas-journal -- "$TASK" &
 pilot=$!
 [ -n "$signalled" ] && kill -"$signalled" "$pilot" 2>/dev/null
 

@@ -50,6 +50,7 @@ def test_startpilot_runs_the_quick_example_from_a_bare_sandbox(couch, db, tmp_pa
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, out + err
     assert "=== pilot exited with status 0" in out
+    assert "(from PICAS_END_TIME)" in err and "claiming stops 60 s before" in err, err
     assert states(db) == dict(zip(ids, ["done", "done", "done", "error"]))
     for tid, letter in zip(ids, "ABC"):
         doc = db.get(tid)

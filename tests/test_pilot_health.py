@@ -50,11 +50,13 @@ def test_clock_seconds_reads_slurm_and_pbs_time_formats(text, seconds):
     assert picas._clock_seconds(text) == seconds
 
 
-def test_picas_end_time_wins_over_the_batch_system():
-    now = 1_000_000.0
+def test_the_earliest_end_wins():
+    now = 1000000.0
     env = {"PICAS_END_TIME": str(now + 500), "SLURM_JOB_ID": "7",
            "SLURM_JOB_END_TIME": str(now + 9000)}
     assert picas.detect_walltime(env, now) == (now + 500, "PICAS_END_TIME")
+    env["SLURM_JOB_END_TIME"] = str(now + 100)
+    assert picas.detect_walltime(env, now) == (now + 100, "SLURM_JOB_END_TIME of SLURM job 7")
 
 
 def test_slurm_job_end_time_needs_no_query(tmp_path):
@@ -160,7 +162,8 @@ def test_run_stops_claiming_before_the_slurm_job_ends(couch, tdb, tmp_path):
     assert "a token needs about" in result.err, result
     done = [t for t, d in token_docs(tdb).items() if picas.token_state(d) == "done"]
     assert 1 <= len(done) <= 2, token_docs(tdb)
-    # An explicit --max-time wins over the batch system's end.
+    # An explicit --max-time wins over the batch system's end (and alone, without
+    # --max-token-time, means "claim nothing after", as upstream).
     result = run_cli(couch, tdb, ["run", "--heartbeat", "0", "--max-time", "600", "--", task],
                      env=env)
     assert result.code == 0 and "walltime:" not in result.err, result
@@ -215,11 +218,16 @@ def test_the_pools_run_times_count_before_the_pilot_has_its_own(tdb):
                      run_seconds=100.0) for i in range(10)]
     tdb.update(finished)
     actor = Timed(tdb, 0.1)
-    actor.run(max_total_time=60)                 # tokens take about 100 s here: none fits
+    actor.run(max_total_time=60, max_token_time=1000)   # tokens take about 100 s: none fits
     assert actor.tasks_processed == 0
     assert picas.token_state(tdb.get("t-1")) == "todo"
     assert actor._runtimes.needed() == pytest.approx(1.25 * 100 + picas.RUNTIME_SLACK)
-    # Without a time limit the pool is not even read, and the token runs.
+    # A max_total_time alone keeps upstream's meaning (claim nothing after it): the
+    # token runs. Without a time limit the pool is not even read.
+    actor = Timed(tdb, 0.1)
+    actor.run(max_total_time=60)
+    assert actor.tasks_processed == 1
+    make_tokens(tdb, ["newer"], prefix="u")
     actor = Timed(tdb, 0.1)
     actor.run()
     assert actor.tasks_processed == 1 and actor._runtimes.pool == []
@@ -232,7 +240,7 @@ def test_a_token_whose_hint_does_not_fit_is_never_locked(tdb):
                      expected_run_seconds="garbage")])
     before = tdb.get("big")["_rev"]
     actor = Timed(tdb, 0.05)
-    actor.run(max_total_time=30)
+    actor.run(max_total_time=30, max_token_time=2000)
     docs = token_docs(tdb)
     assert picas.token_state(docs["small"]) == "done" and picas.token_state(docs["plain"]) == "done"
     assert docs["big"]["_rev"] == before               # passed over before any write
