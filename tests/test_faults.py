@@ -969,6 +969,14 @@ ROWS = [
      "test_a_45_character_greek_token_id_runs"),
     ("The journal folder cannot be written (a file in its place, a full or read-only disk)",
      "test_an_unwritable_journal_never_stops_a_result"),
+    ("A bad `--retry-codes`, `--max-time` or `--black-hole` value",
+     "test_bad_input_retry_codes_or_max_time"),
+    ("A batch-system query tool that hangs, fails, is missing or prints garbage",
+     "test_bad_input_walltime_query_tool"),
+    ("A worker node where every task fails at once (a black hole)",
+     "test_bad_input_black_hole_host"),
+    ("A token that kills its pilot or always runs out of time (poison)",
+     "test_bad_input_poison_token"),
 ]
 
 
@@ -986,8 +994,10 @@ def test_bad_input_catalog_has_a_test_for_every_row():
                 "Interrupted push of a large token file"]
     assert [row for row in required if row not in catalog_rows()] == []
     import test_results            # the rows of the result path are proven there
+    import test_pilot_health       # and those of walltime, black holes and poison there
     for _, name in ROWS:
-        assert callable(globals().get(name) or getattr(test_results, name, None)), name
+        assert callable(globals().get(name) or getattr(test_results, name, None) or
+                        getattr(test_pilot_health, name, None)), name
 
 
 @pytest.mark.faults

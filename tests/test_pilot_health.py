@@ -93,7 +93,7 @@ def test_slurm_unlimited_in_squeue_falls_back_to_scontrol(tmp_path):
     assert end is None and "SLURM" in source
 
 
-def test_a_hanging_failing_or_missing_query_tool_never_blocks_the_pilot(tmp_path, monkeypatch):
+def test_bad_input_walltime_query_tool(tmp_path, monkeypatch):
     monkeypatch.setattr(picas, "WALLTIME_QUERY_TIMEOUT", 0.5)
     bin_dir = tmp_path / "bin"
     env = {"SLURM_JOB_ID": "42", "PBS_JOBID": "9.pbs", "PATH": path_with(bin_dir)}
@@ -259,7 +259,7 @@ def test_runtimes_rule():
 
 # -- black holes -----------------------------------------------------------------
 
-def test_a_black_hole_host_stops_and_gives_its_failures_back_uncharged(couch, tdb, tmp_path):
+def test_bad_input_black_hole_host(couch, tdb, tmp_path):
     make_tokens(tdb, ["a", "b", "c", "d", "e"])
     before = dict((t, d["_rev"]) for t, d in token_docs(tdb).items())
     broken = script(tmp_path / "broken.sh", "echo 'libfoo.so: cannot open' >&2\nexit 1\n")
@@ -394,13 +394,21 @@ def test_retry_codes_are_configurable_and_bounded(couch, tdb, tmp_path):
     assert result.code == 0 and picas.token_state(tdb.get("u-1")) == "error", result
 
 
-@pytest.mark.parametrize("value", ["300", "0", "75,x", "-1"])
-def test_bad_retry_codes_are_a_usage_error(couch, tdb, value):
+@pytest.mark.parametrize("option, value, message", [
+    ("--retry-codes", "300", "give exit codes from 1 to 255"),
+    ("--retry-codes", "0", "give exit codes from 1 to 255"),
+    ("--retry-codes", "75,x", "give exit codes from 1 to 255"),
+    ("--retry-codes", "-1", "give exit codes from 1 to 255"),
+    ("--max-time", "soon", "'soon' is not a number"),
+    ("--max-time", "-5", "must be more than 0"),
+    ("--black-hole", "-1", "must be at least 0"),
+])
+def test_bad_input_retry_codes_or_max_time(couch, tdb, option, value, message):
     make_tokens(tdb, ["x"])
     before = tdb.get("t-1")["_rev"]
-    result = run_cli(couch, tdb, ["run", "--retry-codes", value, "--", "true"])
+    result = run_cli(couch, tdb, ["run", option, value, "--", "true"])
     assert result.code == picas.EXIT_USAGE, result
-    assert "give exit codes from 1 to 255" in result.err and "Traceback" not in result.err
+    assert message in result.err and "Traceback" not in result.err, result
     assert tdb.get("t-1")["_rev"] == before
 
 
@@ -420,7 +428,7 @@ def test_a_token_killed_by_max_token_time_again_and_again_is_poison(couch, tdb, 
     assert "failed_hosts" not in doc                     # a timeout never blames the host
 
 
-def test_a_token_whose_pilots_die_is_poison_after_reset_stale(couch, tdb, tmp_path):
+def test_bad_input_poison_token(couch, tdb, tmp_path):
     make_tokens(tdb, ["oom"])
     pidfile = tmp_path / "task.pid"
     task = script(tmp_path / "task.sh", 'echo $$ > "%s"\nexec sleep 60\n' % pidfile)
