@@ -7,12 +7,13 @@ and poison tokens. Pilots run against the real test server.
 """
 import os
 import signal
+import subprocess
 import time
 
 import pytest
 
 import picas
-from helpers import ensure_views, make_tokens, wait_for
+from helpers import ROOT, ensure_views, make_tokens, wait_for
 from test_faults import Pilot, run_cli, script, token_docs  # noqa: F401
 
 
@@ -452,3 +453,57 @@ def test_bad_input_poison_token(couch, tdb, tmp_path):
         else:
             assert picas.token_state(doc) == "error", doc
             assert "2 pilots died" in doc["poison"] and "poison" in result.out, result
+
+
+# -- the recipes use the detection -----------------------------------------------
+
+def recipe_folder(tmp_path):
+    """A submission folder as a user makes it: picas.py, the task script, nothing else."""
+    import shutil
+    folder = tmp_path / "submit"
+    folder.mkdir()
+    shutil.copy(os.path.join(ROOT, "picas.py"), str(folder / "picas.py"))
+    shutil.copy(os.path.join(ROOT, "examples", "process_task.sh"), str(folder))
+    return folder
+
+
+def test_the_slurm_recipe_takes_its_end_from_slurm(couch, tdb, tmp_path):
+    ids = make_tokens(tdb, ['echo "this is token A"', 'echo "this is token B"'])
+    folder = recipe_folder(tmp_path)
+    env = couch.env(tdb.name)
+    env.update(SLURM_JOB_ID="991", SLURM_ARRAY_JOB_ID="990", SLURM_ARRAY_TASK_ID="1",
+               SLURM_JOB_END_TIME="%d" % (time.time() + 3600), SLURM_SUBMIT_DIR=str(folder))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "slurm_example.sh")],
+                          env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "(from SLURM_JOB_END_TIME of SLURM job 991)" in proc.stderr, proc.stderr
+    for tid in ids:
+        doc = tdb.get(tid)
+        assert picas.token_state(doc) == "done" and doc["slurm_job_id"] == "990_1", doc
+
+
+def test_the_htcondor_recipe_puts_its_runtime_where_the_pilot_reads_it(couch, tdb, tmp_path):
+    import re
+    with open(os.path.join(ROOT, "examples", "htcondor_example.sub")) as fh:
+        sub = fh.read()
+    runtime = int(re.search(r"^\+MaxRuntime\s*=\s*(\d+)", sub, re.M).group(1))
+    command = re.search(r"^arguments\s*=\s*\"-c '(.*)'\"", sub, re.M).group(1)
+    ids = make_tokens(tdb, ['echo "this is token A"'])
+    folder = recipe_folder(tmp_path)
+    # What HTCondor writes into the job ad from the submit file (+Name = value).
+    started = int(time.time())
+    (folder / ".job.ad").write_text("ClusterId = 12\nProcId = 3\nJobCurrentStartDate = %d\n"
+                                    "MaxRuntime = %d\n" % (started, runtime))
+    env = couch.env(tdb.name)
+    env["_CONDOR_JOB_AD"] = str(folder / ".job.ad")
+    proc = subprocess.run(["/bin/sh", "-c", command], env=env, cwd=str(folder),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "from the HTCondor job ad" in proc.stderr, proc.stderr
+    end = time.strftime("%Y-%m-%d %H:%M", time.gmtime(started + runtime))
+    assert "this job ends at %s" % end in proc.stderr, proc.stderr
+    doc = tdb.get(ids[0])
+    assert picas.token_state(doc) == "done" and doc["htcondor_job_id"] == "12.3"
+    assert (folder / "picas-journal").is_dir()           # transfer_output_files finds it
