@@ -4680,6 +4680,154 @@ def select_tokens(db, view, design_doc="Monitor", older_than=None, stale=False, 
         yield doc
 
 
+def iter_tokens(db, view=None, design_doc="Monitor", batch=500):
+    """Yield every token of ``view`` (``"todo"``, ``"Design/view"``), or of the whole
+    database when ``view`` is None, ``batch`` documents per request.
+
+    Paged, so a pool of any size streams in bounded memory. Documents come
+    with attachment stubs (names, sizes), never attachment data.
+    """
+    if view is not None:
+        name = view if "/" in view else "%s/%s" % (design_doc, view)
+        for row in db.iterview(name, batch=batch, include_docs=True):
+            doc = row.get("doc")
+            if doc and not doc.get("_id", "").startswith("_design/"):
+                yield doc
+        return
+    params = {"include_docs": True, "limit": batch}
+    while True:
+        rows = db.all_docs(**params)["rows"]
+        for row in rows:
+            doc = row.get("doc")
+            if doc and doc.get("type") == "token":
+                yield doc
+        if len(rows) < batch:
+            return
+        params.update(startkey=rows[-1]["id"], skip=1)
+
+
+#: Exit codes with a meaning of their own, as ``status --errors`` names them.
+_EXIT_MEANINGS = {124: "killed: max-token-time", 126: "not executable",
+                  127: "command not found", 75: "try again later"}
+
+
+def exit_meaning(code):
+    """A few words on what exit ``code`` usually means, or ''."""
+    code = _parse_int(code)
+    if code in _EXIT_MEANINGS:
+        return _EXIT_MEANINGS[code]
+    if code is not None and 128 < code < 128 + 65:
+        try:
+            return "killed by %s" % signal.Signals(code - 128).name
+        except ValueError:
+            return "killed by signal %d" % (code - 128)
+    return ""
+
+
+def _error_entries(doc):
+    errors = doc.get("error")
+    if isinstance(errors, dict):
+        errors = [errors]
+    if not isinstance(errors, list):
+        return [{"message": errors}] if errors not in (None, "", []) else []
+    return [e if isinstance(e, dict) else {"message": e} for e in errors]
+
+
+def failure_summary(db, latest=10, batch=500):
+    """Where tokens fail: per exit code, per host, and the latest error messages.
+
+    Reads every token once (paged). Returns a dict:
+
+    - ``error_tokens``: tokens in error now;
+    - ``exit_codes``: {code: tokens in error with that exit code};
+    - ``hosts``: {host: {"error": tokens in error that last ran there,
+      "failed_hosts": tokens a pilot there gave back as a black hole,
+      "messages": error entries written there (also of tokens retried since)}};
+    - ``latest``: the ``latest`` newest error entries of any token, newest
+      first: {time, id, state, hostname, exit_code, message}.
+    """
+    import heapq
+    summary = {"error_tokens": 0, "exit_codes": {}, "hosts": {}, "latest": []}
+    newest = []                         # a heap of (time, n, entry): the latest kept
+    hosts = summary["hosts"]
+
+    def host(name):
+        return hosts.setdefault(name or "(unknown)",
+                                {"error": 0, "failed_hosts": 0, "messages": 0})
+
+    for number, doc in enumerate(iter_tokens(db, batch=batch)):
+        state = token_state(doc)
+        if state == "error":
+            summary["error_tokens"] += 1
+            code = doc.get("exit_code")
+            key = str(_parse_int(code) if _parse_int(code) is not None else code)
+            summary["exit_codes"][key] = summary["exit_codes"].get(key, 0) + 1
+            host(doc.get("hostname"))["error"] += 1
+        for name in set(_failed_hosts(doc)):
+            host(name)["failed_hosts"] += 1
+        for index, entry in enumerate(_error_entries(doc)):
+            host(entry.get("hostname") or doc.get("hostname"))["messages"] += 1
+            when = _js_number(entry.get("time")) or 0
+            item = {"time": when, "id": doc.get("_id"), "state": state,
+                    "hostname": entry.get("hostname") or doc.get("hostname") or "",
+                    "exit_code": doc.get("exit_code"),
+                    "message": _one_line(entry.get("message"))}
+            heapq.heappush(newest, (when, number, index, item))
+            if len(newest) > latest:
+                heapq.heappop(newest)
+    summary["latest"] = [item for _, _, _, item in sorted(newest, reverse=True)]
+    return summary
+
+
+def _one_line(message, limit=300):
+    """An error message as one line of at most ``limit`` characters."""
+    text = message if isinstance(message, str) else json.dumps(message)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def token_history(db, doc, limit=50):
+    """The claims of a token, oldest first, from the revisions the server still holds.
+
+    CouchDB keeps old revisions' bodies until the database is compacted;
+    each claim (a new ``claim_id``, or lock time for upstream pilots) is
+    reported once, with the last state it reached: ``{"rev", "lock",
+    "hostname", "pilot_id", "state", "exit_code", "done"}``. Returns
+    ``(claims, missing)``: ``missing`` counts revisions compacted away.
+    """
+    info = db.get(doc["_id"], revs_info=True) or {}
+    revs = [r["rev"] for r in info.get("_revs_info", []) if r.get("status") == "available"]
+    missing = len(info.get("_revs_info", [])) - len(revs)
+    bodies = []
+    if revs[:limit]:
+        answer = db.request("GET", "/" + _quote_id(doc["_id"]), params={
+            "open_revs": json.dumps(revs[:limit], separators=(",", ":"))})[2]
+        bodies = [item["ok"] for item in answer if isinstance(item, dict) and "ok" in item]
+        missing += sum(1 for item in answer if isinstance(item, dict) and "missing" in item)
+    bodies.sort(key=lambda d: int(str(d.get("_rev", "0")).split("-")[0]))
+    claims = []
+    for body in bodies:
+        state = token_state(body)
+        if state == "todo":
+            # A claim that ended back in todo (a scrub, a retry code, a black hole,
+            # reset): its outcome is in this revision; the next claim starts anew.
+            if claims and claims[-1]["key"] is not None:
+                claims[-1].update(state="todo again", exit_code=body.get("exit_code"),
+                                  rev=body.get("_rev"), key=None)
+            continue
+        if state is None:
+            continue
+        key = body.get("claim_id") or body.get("lock")
+        if not claims or claims[-1]["key"] != key:
+            claims.append({"key": key})
+        claims[-1].update(rev=body.get("_rev"), lock=body.get("lock"), state=state,
+                          hostname=body.get("hostname"), pilot_id=body.get("pilot_id"),
+                          exit_code=body.get("exit_code"), done=body.get("done"))
+    for claim in claims:
+        del claim["key"]
+    return claims, missing + max(0, len(revs) - limit)
+
+
 def conflicted_tokens(db):
     """Ids of tokens with conflicting revisions, or None when the Conflicts view is missing."""
     try:
@@ -5303,7 +5451,39 @@ def _build_parser():
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--watch", type=_number(float, 0, False), metavar="SECONDS",
                    help="refresh a progress line every SECONDS")
+    p.add_argument("--errors", type=_number(int, 0), nargs="?", const=10, metavar="N",
+                   help="also the failures per exit code and per host, and the latest N "
+                   "error messages (default N: 10); reads every token")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("show", help="one token: state, fields, claims, errors, attachments")
+    p.add_argument("id", help="the token's id")
+    p.add_argument("--json", action="store_true", help="print the stored document as JSON")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("logs", help="print a token's task output (live while it runs)")
+    p.add_argument("id", help="the token's id")
+    p.add_argument("--err", action="store_true", help="stderr instead of stdout")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing while the token runs, until it finishes")
+    p.add_argument("--interval", type=_number(float, 0, False), default=5.0, metavar="S",
+                   help="with --follow: seconds between looks (default: %(default)s)")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("export", help="stream the tokens of a view as JSON lines or CSV")
+    p.add_argument("view", help="todo, locked, done, error, all (every token), or Design/view")
+    p.add_argument("--fields", metavar="A,B", help="only these fields, in this order; "
+                   "a.b for nested ones, state for the token's state (CSV default: %s)"
+                   % ",".join(EXPORT_CSV_FIELDS))
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                   help="jsonl: one JSON object per line (default); csv: a header and rows")
+    p.add_argument("--output", "-o", metavar="FILE", help="write to FILE (default: stdout)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("has-work", help="exit 0 when a view has tokens, 3 when not (for scripts)")
+    p.add_argument("view", nargs="?", default="todo",
+                   help="todo (default), another view, or Design/view")
+    p.set_defaults(func=cmd_has_work)
 
     p = sub.add_parser("run", help="run a command for every token (the generic pilot)")
     p.add_argument("--view", default="todo", help="view to take tokens from (default: todo)")
@@ -5650,6 +5830,9 @@ def cmd_status(args, db):
     On a terminal the watch line is rewritten in place; otherwise (a job's
     log file) a new line is printed at every refresh.
     """
+    if args.errors is not None and args.watch:
+        raise UsageError("status --errors reads every token: not with --watch (run it now "
+                         "and then, e.g. watch -n 600 python picas.py status --errors)")
     _require_db(db)
     live = bool(args.watch) and not args.json and sys.stdout.isatty()
     first = None
@@ -5660,8 +5843,10 @@ def cmd_status(args, db):
             conflicted = conflicted_tokens(db)
             uncertain = sorted(set(note["uncertain"] for note in db.pilot_notes()
                                    if note.get("uncertain")))
+            failures = failure_summary(db, args.errors) if args.errors is not None else None
             if args.json:
-                print(json.dumps(counts, sort_keys=True), flush=True)
+                print(json.dumps(counts if failures is None else dict(counts, failures=failures),
+                                 sort_keys=True), flush=True)
                 if conflicted:
                     log.warning("%d tokens have conflicting revisions (a CouchDB cluster "
                                 "split): `reset locked --stale` repairs them", len(conflicted))
@@ -5699,12 +5884,50 @@ def cmd_status(args, db):
                     sys.stdout.flush()
                 else:
                     print(line, flush=True)
+                if failures is not None:
+                    _print_failures(failures, args.errors)
             if not args.watch:
                 return EXIT_OK
             time.sleep(args.watch)
     finally:
         if live:
             sys.stdout.write("\n")
+
+
+def _shown(value):
+    """``value`` as text safe for a terminal: control characters (escape sequences a
+    hostile token id or message could hold) are shown as ``\\xNN``."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return "".join(c if c.isprintable() else "\\x%02x" % ord(c) if ord(c) < 256 else
+                   "\\u%04x" % ord(c) for c in text)
+
+
+def _print_failures(failures, latest):
+    """The text of ``status --errors``: exit codes, hosts, latest messages."""
+    codes = sorted(failures["exit_codes"].items(), key=lambda kv: (-kv[1], kv[0]))
+    print("\n%d tokens in error, per exit code:" % failures["error_tokens"])
+    for code, count in codes:
+        meaning = exit_meaning(code)
+        print("  %7d  exit code %s%s" % (count, code, " (%s)" % meaning if meaning else ""))
+    hosts = sorted(failures["hosts"].items(),
+                   key=lambda kv: (-kv[1]["error"] - kv[1]["failed_hosts"], kv[0]))
+    if hosts:
+        print("\nper host: tokens in error that last ran there, tokens its pilots gave back "
+              "as a black hole (failed_hosts), error messages written there:")
+        width = max(len(_shown(name)) for name, _ in hosts)
+        for name, row in hosts:
+            print("  %-*s  %6d in error  %6d black hole  %6d messages%s" % (
+                width, _shown(name), row["error"], row["failed_hosts"], row["messages"],
+                "   <- looks broken" if row["failed_hosts"] else ""))
+    if latest:
+        print("\nlatest %d error messages, newest first:" % len(failures["latest"]))
+        for item in failures["latest"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item["time"])) \
+                if item["time"] else "(no time)          "
+            print("  %s  %s  [%s, %s, exit %s]  %s" % (
+                when, _shown(item["id"]), item["state"] or "?", _shown(item["hostname"] or "?"),
+                _shown(item["exit_code"]) if item["exit_code"] not in (None, "") else "-",
+                _shown(item["message"])))
 
 
 def _duration(seconds):
@@ -5714,6 +5937,303 @@ def _duration(seconds):
     if seconds < 7200:
         return "%d min" % (seconds // 60)
     return "%.1f h" % (seconds / 3600.0)
+
+
+def _token_or_fail(db, token_id):
+    _require_db(db)
+    doc = db.get(token_id, conflicts=True)
+    if doc is None:
+        raise PicasError("no token %r in database %s (ids are exact: `python picas.py export "
+                         "all --fields _id` lists them)" % (token_id, db.name))
+    return doc
+
+
+def _when(value):
+    """A unix time as UTC text, or '-'."""
+    stamp = _js_number(value)
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp)) if stamp else "-"
+
+
+#: The fields ``show`` prints in its own words (the rest are listed as they are).
+_SHOWN_FIELDS = ("_id", "_rev", "type", "lock", "done", "hostname", "exit_code", "input",
+                 "error", "scrub_count", "pilot_id", "claim_id", "heartbeat",
+                 "heartbeat_interval", "run_seconds", "retries", "timeouts", "lost_pilots",
+                 "poison", "failed_hosts", "live_log", "_attachments", "_conflicts") + \
+    _JOB_ID_FIELDS
+
+
+def cmd_show(args, db):
+    """One token in words: state, claim, counters, other fields, history, attachments."""
+    doc = _token_or_fail(db, args.id)
+    if args.json:
+        print(json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False))
+        return EXIT_OK
+    state = token_state(doc)
+    out = []
+    out.append("token %s  (revision %s)" % (_shown(doc["_id"]), doc.get("_rev")))
+    out.append("  state        %s" % (state or "in no standard view (type %r, lock %r, done %r)"
+                                      % (doc.get("type"), doc.get("lock"), doc.get("done"))))
+    out.append("  input        %s" % _one_line(_shown(doc.get("input")), 500))
+    if state in ("locked", "done", "error"):
+        out.append("  claimed      %s on %s%s" % (
+            _when(doc.get("lock")), _shown(doc.get("hostname") or "?"),
+            " by pilot %s" % _shown(doc["pilot_id"]) if doc.get("pilot_id") else ""))
+        jobs = ["%s %s" % (f.replace("_job_id", ""), _shown(doc[f]))
+                for f in _JOB_ID_FIELDS if doc.get(f)]
+        if jobs:
+            out.append("  batch job    %s" % ", ".join(jobs))
+    if state == "locked":
+        beat = _js_number(doc.get("heartbeat"))
+        out.append("  heartbeat    %s" % ("%s (%s ago; every %s s)" % (
+            _when(beat), _duration(max(0, time.time() - beat)),
+            doc.get("heartbeat_interval", "?")) if beat else "none (an upstream pilot, or "
+            "heartbeats off): reset --stale --lease S decides by the lock time"))
+        if is_stale(doc):
+            out.append("               STALE: its pilot looks dead; `reset locked --stale` "
+                       "frees it")
+    if state in ("done", "error"):
+        code = doc.get("exit_code")
+        meaning = exit_meaning(code)
+        out.append("  finished     %s, exit code %s%s%s" % (
+            _when(doc.get("done")), _shown(code), " (%s)" % meaning if meaning else "",
+            ", ran %s s" % doc["run_seconds"] if doc.get("run_seconds") is not None else ""))
+    counters = ["%s %s" % (f, _shown(doc[f])) for f in ("scrub_count", "retries", "timeouts",
+                                                        "lost_pilots") if doc.get(f)]
+    if counters:
+        out.append("  attempts     %s" % ", ".join(counters))
+    if doc.get("poison"):
+        out.append("  poison       %s" % _shown(doc["poison"]))
+    if _failed_hosts(doc):
+        out.append("  failed on    %s (black-hole hosts: pilots there pass it over; "
+                   "`reset` clears it)" % ", ".join(map(_shown, _failed_hosts(doc))))
+    if doc.get("_conflicts"):
+        out.append("  CONFLICTED   %d other revisions (a cluster split): `reset locked "
+                   "--stale` repairs it" % len(doc["_conflicts"]))
+    others = sorted(k for k in doc if k not in _SHOWN_FIELDS)
+    if others:
+        out.append("  other fields")
+        for key in others:
+            out.append("    %-12s %s" % (_shown(key), _one_line(_shown(doc[key]), 300)))
+    claims, missing = token_history(db, doc)
+    out.append("  claims       %d seen in the revisions the server still holds%s" % (
+        len(claims), " (%d older revisions were compacted away)" % missing if missing else ""))
+    for claim in claims:
+        out.append("    %s  %-10s on %s%s%s" % (
+            _when(claim["lock"]), claim["state"], _shown(claim["hostname"] or "?"),
+            ", exit code %s" % _shown(claim["exit_code"])
+            if claim["state"] != "locked" and claim["exit_code"] not in (None, "") else "",
+            " (pilot %s)" % _shown(claim["pilot_id"]) if claim["pilot_id"] else ""))
+    errors = _error_entries(doc)
+    out.append("  errors       %d" % len(errors))
+    for entry in errors:
+        out.append("    %s  %s%s" % (_when(entry.get("time")), _one_line(_shown(
+            entry.get("message")), 500), " (on %s)" % _shown(entry["hostname"])
+            if entry.get("hostname") else ""))
+    attachments = doc.get("_attachments") or {}
+    out.append("  attachments  %d" % len(attachments))
+    for name in sorted(attachments):
+        info = attachments[name]
+        out.append("    %-40s %9s bytes  %s" % (_shown(name), info.get("length", "?"),
+                                                 info.get("content_type", "")))
+    if doc.get("live_log"):
+        out.append("  live output  %s (python picas.py logs %s --follow)" % (
+            _when((doc["live_log"] or {}).get("time")), _shell_word(doc["_id"])))
+    print("\n".join(out))
+    return EXIT_OK
+
+
+def _shell_word(text):
+    import shlex
+    return shlex.quote(_shown(text))
+
+
+def _log_name(doc, err):
+    """The attachment holding a token's stdout (or stderr): ``logs_<id>.out`` as
+    picas.py names it, else the only ``*.out``/``.err`` (or ``.log``) attached."""
+    attachments = doc.get("_attachments") or {}
+    ext = ".err" if err else ".out"
+    mine = "logs_%s%s" % (doc["_id"], ext)
+    if mine in attachments:
+        return mine
+    found = sorted(n for n in attachments if n.endswith(ext)) or \
+        (sorted(n for n in attachments if n.endswith(".log")) if not err else [])
+    return found[0] if len(found) == 1 else None
+
+
+def _new_text(before, now):
+    """What ``now`` (the latest tail of a log) adds to ``before`` (an earlier tail);
+    ``(text, gap)``, gap True when output was lost between the two looks."""
+    if not before:
+        return now, False
+    if now.startswith(before):
+        return now[len(before):], False
+    probe = before[-256:]
+    at = now.rfind(probe)
+    if at < 0:
+        return now, True
+    return now[at + len(probe):], False
+
+
+def cmd_logs(args, db):
+    """A token's stdout/stderr: the attached log once it ran, the live tail while it runs."""
+    stream = "err" if args.err else "out"
+    write = _stdout_writer()
+    shown = ""
+    while True:
+        doc = _token_or_fail(db, args.id)
+        state = token_state(doc)
+        live = doc.get("live_log") if state == "locked" else None
+        if state == "locked":
+            tail = live.get(stream) if isinstance(live, dict) else None
+            if isinstance(tail, str):
+                text, gap = _new_text(shown, tail)
+                if not shown:
+                    log.info("token %s is running on %s; the last %d characters of its %s as "
+                             "of %s:", _shown(doc["_id"]), _shown(doc.get("hostname") or "?"),
+                             len(tail), "stderr" if args.err else "stdout",
+                             _when(live.get("time")))
+                if gap:
+                    write("\n[... more output than one look holds was skipped ...]\n")
+                write(text)
+                shown = tail
+            elif not args.follow:
+                raise PicasError("token %s is running on %s, and its pilot sends no live "
+                                 "output (an older picas.py, an upstream pilot, or heartbeats "
+                                 "off); the logs are attached when it finishes"
+                                 % (_shown(doc["_id"]), _shown(doc.get("hostname") or "?")))
+            if not args.follow:
+                return EXIT_OK
+            time.sleep(args.interval)
+            continue
+        name = _log_name(doc, args.err)
+        if name is None:
+            if shown:
+                log.info("token %s is %s now; it has no attached log", _shown(doc["_id"]),
+                         state)
+                return EXIT_OK
+            raise PicasError("token %s has no attached %s (state %s%s)" % (
+                _shown(doc["_id"]), "stderr" if args.err else "stdout", state or "none",
+                ": it has not run yet" if state == "todo" else ""))
+        data = db.get_attachment(doc, name, b"")
+        text = data.decode("utf-8", "replace")
+        if shown:
+            rest, gap = _new_text(shown, text)
+            if gap:
+                write("\n[... the finished log follows in full ...]\n")
+            write(rest)
+            log.info("token %s finished: %s, exit code %s", _shown(doc["_id"]), state,
+                     _shown(doc.get("exit_code")))
+        else:
+            sys.stdout.flush()
+            getattr(sys.stdout, "buffer", sys.stdout).write(data)
+        return EXIT_OK
+
+
+def _stdout_writer():
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    return write
+
+
+#: The columns of ``export --format csv`` when --fields does not say.
+EXPORT_CSV_FIELDS = ("_id", "state", "input", "exit_code", "hostname", "lock", "done",
+                     "run_seconds", "scrub_count")
+
+
+def _field(doc, path):
+    """``doc``'s value at ``path`` ("output.energy"); ``state`` is the token's state."""
+    if path == "state" and "state" not in doc:
+        return token_state(doc)
+    value = doc
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _csv_cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return json.dumps(value)
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def cmd_export(args, db):
+    """Stream tokens as JSON lines or CSV, page by page (any size of pool)."""
+    import csv
+    import io
+    _require_db(db)
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
+    if args.fields is not None and not fields:
+        raise UsageError("--fields %r names no field: give names separated by commas, e.g. "
+                         "--fields _id,exit_code,output.energy" % args.fields)
+    if args.format == "csv" and fields is None:
+        fields = list(EXPORT_CSV_FIELDS)
+    view = None if args.view == "all" else args.view
+    if view is not None:
+        name = view if "/" in view else "%s/%s" % (args.design_doc, view)
+        with _IndexWatch(db, name.partition("/")[0]):
+            db.view(name, limit=0)            # a missing view fails here, before any output
+    if args.output:
+        try:
+            target = io.open(args.output, "w", encoding="utf-8", newline="")
+        except OSError as exc:
+            raise UsageError("cannot write %s: %s" % (args.output, exc.strerror))
+    else:
+        # UTF-8 whatever the locale says (Python 3.6 under LANG=C would refuse "é").
+        sys.stdout.flush()
+        target = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
+    count = 0
+    try:
+        writer = csv.writer(target, lineterminator="\n") if args.format == "csv" else None
+        if writer:
+            writer.writerow(fields)
+        for doc in iter_tokens(db, view, args.design_doc):
+            doc.pop("_attachments", None)
+            if writer:
+                writer.writerow([_csv_cell(_field(doc, f)) for f in fields])
+            else:
+                row = doc if fields is None else dict((f, _field(doc, f)) for f in fields)
+                target.write(json.dumps(row, sort_keys=fields is None, ensure_ascii=False))
+                target.write("\n")
+            count += 1
+        target.flush()
+    except BrokenPipeError:
+        # `export done | head`: the reader has what it wanted; not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    finally:
+        if args.output:
+            target.close()
+        else:
+            try:
+                target.detach()
+            except (ValueError, OSError):
+                pass
+    log.info("exported %d tokens from %s%s", count, args.view,
+             " to %s" % args.output if args.output else "")
+    return EXIT_OK
+
+
+def cmd_has_work(args, db):
+    """Exit 0 when the view holds tokens, 3 when it is empty."""
+    _require_db(db)
+    name = args.view if "/" in args.view else "%s/%s" % (args.design_doc, args.view)
+    with _IndexWatch(db, name.partition("/")[0]):
+        result = db.view(name, limit=1)
+    total = result.get("total_rows")
+    if not result.get("rows"):
+        log.info("%s has no tokens", name)
+        return EXIT_NO_WORK
+    log.info("%s has work: %s tokens", name, total if total is not None else "some")
+    return EXIT_OK
 
 
 def _check_command(command):
