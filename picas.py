@@ -4739,7 +4739,9 @@ def failure_summary(db, latest=10, batch=500):
     Reads every token once (paged). Returns a dict:
 
     - ``error_tokens``: tokens in error now;
-    - ``exit_codes``: {code: tokens in error with that exit code};
+    - ``exit_codes``: {code: {"error": tokens in error with that exit code,
+      "todo": tokens back in todo whose last run exited with it (a scrub, a
+      retry code, a black hole)}};
     - ``hosts``: {host: {"error": tokens in error that last ran there,
       "failed_hosts": tokens a pilot there gave back as a black hole,
       "messages": error entries written there (also of tokens retried since)}};
@@ -4757,11 +4759,13 @@ def failure_summary(db, latest=10, batch=500):
 
     for number, doc in enumerate(iter_tokens(db, batch=batch)):
         state = token_state(doc)
+        code = _parse_int(doc.get("exit_code"))
+        if state == "error" or (state == "todo" and code):
+            key = str(code if code is not None else doc.get("exit_code"))
+            row = summary["exit_codes"].setdefault(key, {"error": 0, "todo": 0})
+            row[state] += 1
         if state == "error":
             summary["error_tokens"] += 1
-            code = doc.get("exit_code")
-            key = str(_parse_int(code) if _parse_int(code) is not None else code)
-            summary["exit_codes"][key] = summary["exit_codes"].get(key, 0) + 1
             host(doc.get("hostname"))["error"] += 1
         for name in set(_failed_hosts(doc)):
             host(name)["failed_hosts"] += 1
@@ -5279,12 +5283,16 @@ examples:
   python picas.py run -- ./process_task.sh       $1 = input, $2 = token id
   python picas.py --db other run --max-tasks 10 --max-time 3600 -- ./task.sh
   python picas.py status --watch 10
+  python picas.py status --errors 5              failures per exit code and host
+  python picas.py show ID                        one token's story; logs ID [--err] [--follow]
+  python picas.py export done --format csv > done.csv
+  python picas.py has-work todo && sbatch pilot.sh
   python picas.py reset locked --stale           free tokens of dead pilots
   python picas.py reset error --yes              retry failed tokens
   python picas.py replay picas-journal           save results a killed pilot left
 
 exit status: 0 done, 1 error, 2 bad usage or settings, 3 no work found
-(run), 4 this host looks broken: its tasks failed fast in a row (run),
+(run, has-work), 4 this host looks broken: its tasks failed fast in a row (run),
 128+N stopped by signal N (run).
 """
 
@@ -5904,23 +5912,25 @@ def _shown(value):
 
 def _print_failures(failures, latest):
     """The text of ``status --errors``: exit codes, hosts, latest messages."""
-    codes = sorted(failures["exit_codes"].items(), key=lambda kv: (-kv[1], kv[0]))
-    print("\n%d tokens in error, per exit code:" % failures["error_tokens"])
-    for code, count in codes:
+    codes = sorted(failures["exit_codes"].items(),
+                   key=lambda kv: (-kv[1]["error"] - kv[1]["todo"], kv[0]))
+    print("\n%d tokens in error. Failures per exit code (in error / back in todo after a "
+          "failed run):" % failures["error_tokens"])
+    for code, row in codes:
         meaning = exit_meaning(code)
-        print("  %7d  exit code %s%s" % (count, code, " (%s)" % meaning if meaning else ""))
+        print("  %7d  %7d   exit code %s%s" % (row["error"], row["todo"], _shown(code),
+                                              " (%s)" % meaning if meaning else ""))
     hosts = sorted(failures["hosts"].items(),
                    key=lambda kv: (-kv[1]["error"] - kv[1]["failed_hosts"], kv[0]))
     if hosts:
-        print("\nper host: tokens in error that last ran there, tokens its pilots gave back "
-              "as a black hole (failed_hosts), error messages written there:")
-        width = max(len(_shown(name)) for name, _ in hosts)
+        print("\nPer host (tokens in error that last ran there / tokens its pilots gave back "
+              "as a black hole / error messages written there):")
         for name, row in hosts:
-            print("  %-*s  %6d in error  %6d black hole  %6d messages%s" % (
-                width, _shown(name), row["error"], row["failed_hosts"], row["messages"],
-                "   <- looks broken" if row["failed_hosts"] else ""))
+            print("  %7d  %7d  %7d   %s%s" % (
+                row["error"], row["failed_hosts"], row["messages"], _shown(name),
+                "   <- looks broken (failed_hosts)" if row["failed_hosts"] else ""))
     if latest:
-        print("\nlatest %d error messages, newest first:" % len(failures["latest"]))
+        print("\nThe latest %d error messages, newest first:" % len(failures["latest"]))
         for item in failures["latest"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item["time"])) \
                 if item["time"] else "(no time)          "
@@ -6232,7 +6242,7 @@ def cmd_has_work(args, db):
     if not result.get("rows"):
         log.info("%s has no tokens", name)
         return EXIT_NO_WORK
-    log.info("%s has work: %s tokens", name, total if total is not None else "some")
+    log.info("%s holds %s tokens", name, total if total is not None else "some")
     return EXIT_OK
 
 

@@ -977,6 +977,13 @@ ROWS = [
      "test_bad_input_black_hole_host"),
     ("A token that kills its pilot or always runs out of time (poison)",
      "test_bad_input_poison_token"),
+    ("A token id that does not exist (`show`, `logs`), or a token with no logs yet",
+     "test_bad_input_unknown_token_id"),
+    ("A bad `export` or `status --errors` request (a missing view, `--fields` naming nothing, "
+     "an unwritable `-o` file, an unknown `--format`, `--errors` with `--watch`)",
+     "test_bad_input_export_and_status_options"),
+    ("Token ids, host names, fields or error messages holding terminal control characters "
+     "(escape sequences)", "test_bad_input_escape_sequences_in_tokens"),
 ]
 
 
@@ -993,11 +1000,14 @@ def test_bad_input_catalog_has_a_test_for_every_row():
                 "Malformed or world-readable config file",
                 "Interrupted push of a large token file"]
     assert [row for row in required if row not in catalog_rows()] == []
-    import test_results            # the rows of the result path are proven there
-    import test_pilot_health       # and those of walltime, black holes and poison there
+    # Rows of the result path are proven in test_results, of walltime, black holes and
+    # poison in test_pilot_health, of the inspection commands in test_inspect.
+    import importlib
+    modules = [importlib.import_module(name) for name in
+               ("test_results", "test_pilot_health", "test_inspect")]
     for _, name in ROWS:
-        assert callable(globals().get(name) or getattr(test_results, name, None) or
-                        getattr(test_pilot_health, name, None)), name
+        assert callable(globals().get(name) or next(
+            (getattr(m, name) for m in modules if hasattr(m, name)), None)), name
 
 
 @pytest.mark.faults

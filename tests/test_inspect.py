@@ -61,8 +61,11 @@ def expected_failures(db):
     """The figures of status --errors, computed here from the stored documents."""
     codes, hosts, entries = {}, {}, []
     for doc in token_docs(db).values():
-        if picas.token_state(doc) == "error":
-            codes[str(doc["exit_code"])] = codes.get(str(doc["exit_code"]), 0) + 1
+        state = picas.token_state(doc)
+        if state == "error" or (state == "todo" and doc.get("exit_code")):
+            row = codes.setdefault(str(doc["exit_code"]), {"error": 0, "todo": 0})
+            row[state] += 1
+        if state == "error":
             hosts.setdefault(doc["hostname"], [0, 0])[0] += 1
         for host in doc.get("failed_hosts", []):
             hosts.setdefault(host, [0, 0])[1] += 1
@@ -73,7 +76,8 @@ def expected_failures(db):
 
 def test_status_errors_breaks_failures_down_per_exit_code_and_host(cli, campaign):
     codes, hosts, entries = expected_failures(campaign)
-    assert codes == {"2": 2, "127": 1}                 # the campaign is what we meant
+    # The campaign is what we meant: node-a's three tokens are back in todo.
+    assert codes == {"2": {"error": 2, "todo": 3}, "127": {"error": 1, "todo": 0}}
     assert hosts["node-a"] == [0, 3] and hosts["node-b"] == [3, 0]
     result = cli("status", "--errors", "4", "--json")
     assert result.code == 0, result
@@ -94,31 +98,36 @@ def test_status_errors_breaks_failures_down_per_exit_code_and_host(cli, campaign
 
     text = cli("status", "--errors").out
     assert "todo 3  locked 0  done 3  error 3" in text
-    assert "exit code 127 (command not found)" in text and "exit code 2" in text
-    line = [ln for ln in text.splitlines() if ln.strip().startswith("node-a")][0]
-    assert "3 black hole" in line and "looks broken" in line
-    line = [ln for ln in text.splitlines() if ln.strip().startswith("node-b")][0]
-    assert "3 in error" in line and "looks broken" not in line
+    rows = dict((ln.split(None, 2)[2], ln.split()[:2]) for ln in text.splitlines()
+                if "   exit code " in ln)
+    assert rows == {"exit code 2": ["2", "3"], "exit code 127 (command not found)": ["1", "0"]}
+    hosts_shown = dict((ln.split()[3], ln.split()[:3] + ln.split()[4:]) for ln in
+                       text.splitlines() if " node-" in ln and "[" not in ln)
+    assert hosts_shown["node-a"][:3] == ["0", "3", "3"] and "broken" in hosts_shown["node-a"][-2]
+    assert hosts_shown["node-b"] == ["3", "0", str(sum(1 for e in entries if e[1][0] == "b"))]
     assert "latest %d error messages" % min(10, len(entries)) in text
 
 
-def test_status_errors_shows_hostile_ids_and_messages_harmlessly(cli, tdb):
+def test_bad_input_escape_sequences_in_tokens(cli, tdb):
+    """Ids, host names and messages are shown with control characters escaped."""
     evil = "evil\x1b[2J\x07"
     tdb.save(dict(picas.TOKEN_DEFAULTS, _id=evil, lock=1, done=2, exit_code=3, hostname="h\x1b",
-                  error=[{"time": 5, "message": "line one\nline\x1b[31m two"}]))
-    result = cli("status", "--errors")
-    assert result.code == 0
-    assert "\x1b" not in result.out and "\x07" not in result.out
-    assert "evil\\x1b[2J\\x07" in result.out and "line one line\\x1b[31m two" in result.out
+                  error=[{"time": 5, "message": "line one\nline\x1b[31m two"}],
+                  note="\x1b]0;title\x07"))
+    for argv in (["status", "--errors"], ["show", evil]):
+        result = cli(*argv)
+        assert result.code == 0, result
+        assert "\x1b" not in result.out and "\x07" not in result.out
+        assert "evil\\x1b[2J\\x07" in result.out and "line\\x1b[31m two" in result.out
+    assert "\\x1b]0;title\\x07" in result.out
 
 
-def test_status_errors_on_a_pool_without_failures_and_with_watch(cli, tdb):
+def test_status_errors_on_a_pool_without_failures(cli, tdb):
     make_tokens(tdb, ["x"])
     result = cli("status", "--errors", "--json")
     assert json.loads(result.out)["failures"] == {
         "error_tokens": 0, "exit_codes": {}, "hosts": {}, "latest": []}
-    result = cli("status", "--errors", "--watch", "5")
-    assert result.code == picas.EXIT_USAGE and "not with --watch" in result.err
+    assert "0 tokens in error" in cli("status", "--errors").out
 
 
 # -- show ----------------------------------------------------------------------
@@ -159,10 +168,16 @@ def test_show_lists_every_claim_the_server_still_holds(cli, tdb):
     assert "attempts     scrub_count 1" in text
 
 
-def test_show_a_missing_token(cli, tdb):
-    result = cli("show", "nope")
+def test_bad_input_unknown_token_id(cli, tdb):
+    make_tokens(tdb, ["never"], prefix="n")
+    for argv in (["show", "nope"], ["logs", "nope"], ["logs", "nope", "--follow"]):
+        result = cli(*argv)
+        assert result.code == picas.EXIT_ERROR, result
+        assert "no token 'nope' in database %s" % tdb.name in result.err
+        assert "Traceback" not in result.err
+    result = cli("logs", "n-1")
     assert result.code == picas.EXIT_ERROR
-    assert "no token 'nope'" in result.err and "Traceback" not in result.err
+    assert "token n-1 has no attached stdout (state todo: it has not run yet)" in result.err
 
 
 # -- logs ----------------------------------------------------------------------
@@ -176,12 +191,6 @@ def test_logs_prints_the_attached_output_byte_for_byte(cli, campaign):
     assert result.code == 0 and result.out == out.decode()
     result = cli.picas("logs", "b-1", "--err")
     assert result.code == 0 and result.out == err.decode()
-
-
-def test_logs_of_a_token_that_has_not_run(cli, tdb):
-    make_tokens(tdb, ["never"], prefix="n")
-    result = cli("logs", "n-1")
-    assert result.code == picas.EXIT_ERROR and "it has not run yet" in result.err
 
 
 def test_logs_follow_shows_a_running_task_and_ends_with_it(cli, tdb):
@@ -252,13 +261,20 @@ def test_export_to_a_closed_pipe_and_under_a_c_locale(cli, tdb):
     assert b"Traceback" not in proc.stderr and b"Broken pipe" not in proc.stderr
 
 
-def test_export_bad_input(cli, tdb):
+def test_bad_input_export_and_status_options(cli, tdb):
     result = cli("export", "nosuchview")
     assert result.code == picas.EXIT_ERROR and "create the views first" in result.err
     result = cli("export", "all", "--fields", " , ")
     assert result.code == picas.EXIT_USAGE and "names no field" in result.err
     result = cli("export", "all", "-o", cli.tmp_path / "no" / "such" / "dir.jsonl")
     assert result.code == picas.EXIT_USAGE and "cannot write" in result.err
+    result = cli("export", "all", "--format", "xml")
+    assert result.code == picas.EXIT_USAGE and "invalid choice: 'xml'" in result.err
+    result = cli("status", "--errors", "--watch", "5")
+    assert result.code == picas.EXIT_USAGE and "not with --watch" in result.err
+    result = cli("status", "--errors", "-1")
+    assert result.code == picas.EXIT_USAGE and "must be at least 0" in result.err
+    assert "Traceback" not in "".join(cli.transcript)
 
 
 # -- has-work ------------------------------------------------------------------
@@ -267,7 +283,7 @@ def test_has_work_exit_status(cli, tdb):
     assert cli("has-work").code == picas.EXIT_NO_WORK
     make_tokens(tdb, ["w"], prefix="w")
     result = cli("has-work")
-    assert result.code == 0 and "has work: 1 tokens" in result.err
+    assert result.code == 0 and "Monitor/todo holds 1 tokens" in result.err
     assert cli("has-work", "done").code == picas.EXIT_NO_WORK
     tdb.ensure_design("Big", picas.standard_views("doc.cores == 8"))
     assert cli("has-work", "Big/todo").code == picas.EXIT_NO_WORK
