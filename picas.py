@@ -6088,7 +6088,7 @@ def cmd_logs(args, db):
     """A token's stdout/stderr: the attached log once it ran, the live tail while it runs."""
     stream = "err" if args.err else "out"
     write = _stdout_writer()
-    shown = ""
+    shown, waiting = "", False
     while True:
         doc = _token_or_fail(db, args.id)
         state = token_state(doc)
@@ -6116,6 +6116,13 @@ def cmd_logs(args, db):
             time.sleep(args.interval)
             continue
         name = _log_name(doc, args.err)
+        if state == "todo" and args.follow and not shown and name is None:
+            if not waiting:
+                log.info("token %s is in todo: waiting for a pilot to claim it",
+                         _shown(doc["_id"]))
+                waiting = True
+            time.sleep(args.interval)
+            continue
         if name is None:
             if shown:
                 log.info("token %s is %s now; it has no attached log", _shown(doc["_id"]),

@@ -195,22 +195,30 @@ def test_logs_prints_the_attached_output_byte_for_byte(cli, campaign):
 
 def test_logs_follow_shows_a_running_task_and_ends_with_it(cli, tdb):
     """The pilot sends its task's latest output with each heartbeat (live_log);
-    logs --follow prints it as it grows and the rest once the token is done."""
+    logs --follow, started before any pilot, waits for the claim, prints the
+    output as it grows, and the rest once the token is done."""
     make_tokens(tdb, ["slow"], prefix="f")
     task = script(cli.tmp_path / "slow.sh", """\
         for i in 1 2 3 4 5 6; do echo "line $i"; sleep 1; done
         """)
     env = cli.couch.env(cli.db.name)
-    pilot_proc = subprocess.Popen([sys.executable, PICAS, "run", "--heartbeat", "1", "--", task],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    follow = subprocess.Popen([sys.executable, PICAS, "logs", "f-1", "--follow", "--interval",
+                               "0.3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert wait_for(lambda: (tdb.get("f-1") or {}).get("live_log"), timeout=30)
-        follow = cli.picas("logs", "f-1", "--follow", "--interval", "0.3", timeout=60)
+        time.sleep(1)
+        pilot_proc = subprocess.Popen([sys.executable, PICAS, "run", "--heartbeat", "1", "--",
+                                       task], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+        seen_live = wait_for(lambda: (tdb.get("f-1") or {}).get("live_log"), timeout=30)
+        assert pilot_proc.wait(timeout=60) == 0
+        out, err = follow.communicate(timeout=30)
     finally:
-        pilot_proc.wait(timeout=60)
-    assert follow.code == 0, follow
-    assert follow.out.split("\n")[-7:] == ["line %d" % i for i in range(1, 7)] + [""]
-    assert "finished: done, exit code 0" in follow.err
+        follow.kill()
+    assert seen_live and follow.returncode == 0, err
+    out, err = out.decode(), err.decode()
+    assert out.split("\n") == ["line %d" % i for i in range(1, 7)] + [""]
+    assert "waiting for a pilot to claim it" in err and "is running on" in err
+    assert "finished: done, exit code 0" in err
     assert "live_log" not in tdb.get("f-1")
 
 
