@@ -8,11 +8,17 @@ answer, delays it, answers 503, or answers 202 instead of 201; during
 two nodes does. Meanwhile pilots get SIGTERM or SIGUSR1 together with their
 task (a batch system at its time limit), SIGTERM alone, or SIGKILL, at
 random instants; a batch system starts a new pilot for each one that ends.
+The tokens are not all well-behaved: some fail for real (``--max-scrub 1``),
+some answer "try again later" (exit code 75) on their first two runs, some
+always outlast ``--max-token-time`` and are killed.
 
 Afterwards, as an operator would: ``picas.py replay`` of the shared journal,
-``reset locked --stale``, and one more pilot for what went back to todo.
-Then every token must be done, with the result of one of its own runs (its
-stored ``claim_id`` is one a task completed under); a token may have run to
+``reset locked --stale``, and more pilots while todo has tokens (a pilot does
+not take again a token it got 75 for). Then every good or retried token must be
+done and every failing or slow one in error (exit code 1 after a scrub, or
+124), with the result of one of its own runs (its stored ``claim_id`` is one a
+task completed under); a retry code was never charged (``scrub_count`` is
+what ``reset --stale`` charged for dead pilots, nothing more); a good token may have run to
 completion more than once only when a pilot that ran it was SIGKILLed (the
 instant between a task's end and its result reaching the journal, which no
 handler can cover), or was signalled in the instant (0.25 s allowed) between
@@ -58,13 +64,24 @@ TASK = r'''
 import json, os, sys, time
 token = json.load(open(os.environ["PICAS_TOKEN_FILE"]))
 folder = sys.argv[1]
+kind, _, seconds = sys.argv[2].rpartition(":")
 with open(os.path.join(folder, "starts"), "a") as fh:
     fh.write("%s %d %d\n" % (token["_id"], os.getpid(), os.getppid()))
-time.sleep(float(sys.argv[2]))
+    fh.flush()
+    os.fsync(fh.fileno())
+runs = sum(1 for line in open(os.path.join(folder, "starts")) if line.split()[0] == token["_id"])
+time.sleep(float(seconds))
+# fail: a real failure; retry2: "try again later" (75) on its first two starts; slow: runs
+# past --max-token-time and is killed; anything else succeeds.
+code = {"fail": 1, "retry2": 75 if runs <= 2 else 0}.get(kind, 0)
 with open(os.path.join(folder, "completions"), "a") as fh:
-    fh.write("%s %s %d %.3f\n" % (token["_id"], token["claim_id"], os.getppid(), time.time()))
-os._exit(0)        # the work is done: no interpreter shutdown between it and the exit
+    fh.write("%s %s %d %.3f %d\n" % (token["_id"], token["claim_id"], os.getppid(),
+                                     time.time(), code))
+os._exit(code)     # the work is done: no interpreter shutdown between it and the exit
 '''
+
+#: Seconds a task may run (--max-token-time); "slow" tokens sleep longer.
+MAX_TOKEN_TIME = 5.0
 
 
 class Schedule(object):
@@ -155,7 +172,14 @@ def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice(couch, db,
     rng = random.Random(seed)
     duration = 12.0 * scale
     n = 30 * scale
-    ids = make_tokens(db, ["%.2f" % rng.uniform(0.1, 1.2) for _ in range(n)])
+    # Most tokens succeed; some fail for real (--max-scrub 1: two failed runs, then
+    # error), some answer "try again later" twice (75: back to todo, never charged),
+    # some always outlast --max-token-time (killed: 124, then error).
+    kinds = ["ok"] * (n - 7 * scale) + ["fail", "retry2"] * (3 * scale) + ["slow"] * scale
+    rng.shuffle(kinds)
+    inputs = ["%s:%.2f" % (k, 12.0 if k == "slow" else rng.uniform(0.1, 1.2)) for k in kinds]
+    ids = make_tokens(db, inputs)
+    kind_of = dict(zip(ids, kinds))
     task = tmp_path / "task.py"
     task.write_text(TASK)
     schedule = Schedule(seed, duration)
@@ -164,8 +188,9 @@ def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice(couch, db,
     fs = FaultServer(upstream=couch.url, default=schedule).start()
     pilots, killed, stopped = [], set(), []
     signalled = collections.defaultdict(list)      # pilot pid -> when it (or its task) got one
-    argv = ["--timeout", "5", "run", "--heartbeat", "1", "--grace", "1", "--", sys.executable,
-            str(task), str(tmp_path)]
+    argv = ["--timeout", "5", "run", "--heartbeat", "1", "--grace", "1", "--max-scrub", "1",
+            "--max-token-time", str(MAX_TOKEN_TIME), "--black-hole", "0", "--",
+            sys.executable, str(task), str(tmp_path)]
     done_message = "seed %d (replay: PICAS_FAULT_SCHEDULE_SEEDS=%d)" % (seed, seed)
     try:
         schedule.start = start = time.monotonic()
@@ -223,22 +248,44 @@ def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice(couch, db,
     time.sleep(2.5)
     code, out, err = run_cli(couch, db, ["reset", "locked", "--stale", "--lease", "2", "--yes"])
     assert code == 0, (done_message, err)
-    code, out, err = run_cli(couch, db, argv[2:], cwd=tmp_path)
-    assert code in (0, 3) and "Traceback" not in err, (done_message, err)
+    # A pilot does not take again a token it got 75 for: the batch system starts more.
+    for _ in range(4):
+        code, out, err = run_cli(couch, db, argv[2:], cwd=tmp_path)
+        assert code in (0, 3) and "Traceback" not in err, (done_message, err)
+        if code == 3:
+            break
 
     docs = token_docs(db)
-    bad = dict((t, picas.token_state(d)) for t, d in docs.items()
-               if picas.token_state(d) != "done")
+    expected = {"ok": "done", "retry2": "done", "fail": "error", "slow": "error"}
+    bad = dict((t, (kind_of[t], picas.token_state(d))) for t, d in docs.items()
+               if picas.token_state(d) != expected[kind_of[t]])
     assert not bad, (done_message, bad, schedule.counts)
     completions = collections.defaultdict(list)
     with open(str(tmp_path / "completions")) as fh:
         for line in fh:
-            tid, claim, pilot_pid, at = line.split()
-            completions[tid].append((claim, int(pilot_pid), float(at)))
+            tid, claim, pilot_pid, at, code = line.split()
+            completions[tid].append((claim, int(pilot_pid), float(at), int(code)))
     for tid in ids:
-        runs = completions[tid]
-        stored = docs[tid].get("claim_id")
-        assert stored in [run[0] for run in runs], (done_message, tid, runs, docs[tid])
+        doc, kind = docs[tid], kind_of[tid]
+        # A retry code is never charged: only a dead pilot's token (reset --stale) is.
+        lost = doc.get("lost_pilots", 0)
+        if kind in ("ok", "retry2"):
+            assert doc["scrub_count"] == lost, (done_message, tid, doc)
+        if kind == "retry2":
+            told = sum(1 for run in completions[tid] if run[3] == 75)
+            assert 0 <= doc.get("retries", 0) <= told <= 2, \
+                (done_message, tid, completions[tid], doc)
+        if kind == "fail":
+            assert doc["exit_code"] == 1 and doc["scrub_count"] >= 1, (done_message, doc)
+        if kind == "slow":
+            assert doc["exit_code"] == 124 and doc["timeouts"] >= 1, (done_message, doc)
+            assert completions[tid] == [], (done_message, tid, completions[tid])
+            continue
+        runs = [run[:3] for run in completions[tid]]
+        stored = doc.get("claim_id")
+        assert stored in [run[0] for run in runs], (done_message, tid, runs, doc)
+        if kind != "ok":
+            continue         # failed and retried runs are meant to run again
         # A run whose result was not kept is allowed only where no pilot can know the work
         # was done: its pilot was SIGKILLed, or it (or its task) got a signal in the instant
         # between the task's last write and its exit being seen.

@@ -10,6 +10,7 @@ import fcntl
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import tempfile
 import time
@@ -17,6 +18,17 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BINARY = os.path.join(HERE, "node_modules", "pouchdb-server", "bin", "pouchdb-server")
+
+
+def _die_with_parent():
+    """In the child, before node starts: on Linux, be sent SIGTERM when the process
+    that started us dies, even by SIGKILL (a killed pytest leaves no server behind)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class SetupError(Exception):
@@ -64,7 +76,7 @@ class PouchDBServer(object):
         self.proc = subprocess.Popen(
             ["node", binary, "--in-memory", "-o", "127.0.0.1", "-p", str(self.port), "-n"],
             cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.alive():
