@@ -3519,7 +3519,8 @@ class _Lease(object):
         if hook is None:
             return {}
         try:
-            return dict(hook() or {})
+            return dict((key, value) for key, value in dict(hook() or {}).items()
+                        if key not in ("_id", "_rev", "heartbeat"))
         except Exception as exc:               # a heartbeat never fails for its extras
             log.debug("heartbeat of %s: extra fields failed: %r", self.task.get("_id"), exc)
             return {}

@@ -977,6 +977,17 @@ ROWS = [
      "test_bad_input_black_hole_host"),
     ("A token that kills its pilot or always runs out of time (poison)",
      "test_bad_input_poison_token"),
+    ("A `$PICAS_OUTPUT_FILE` that is not JSON, not an object, over 1 MiB or not UTF-8",
+     "test_bad_input_output_file"),
+    ("A `$PICAS_OUTPUT_FILE` holding values CouchDB cannot store (lone surrogates, `NaN`)",
+     "test_bad_input_output_file_with_values_couchdb_cannot_store"),
+    ("Files over `--attach-limit` or `--attach-total`",
+     "test_bad_input_attachment_over_the_limits"),
+    ("Files `--attach` cannot attach (directories, FIFOs, symlinks pointing outside the working "
+     "directory, names starting with `_` or already taken)",
+     "test_bad_input_files_attach_cannot_attach"),
+    ("An `--attach` pattern that leaves the working directory (`../x`, an absolute path)",
+     "test_bad_input_attach_pattern_outside_the_working_directory"),
 ]
 
 
@@ -995,9 +1006,11 @@ def test_bad_input_catalog_has_a_test_for_every_row():
     assert [row for row in required if row not in catalog_rows()] == []
     import test_results            # the rows of the result path are proven there
     import test_pilot_health       # and those of walltime, black holes and poison there
+    import test_outputs            # and those of task outputs there
     for _, name in ROWS:
         assert callable(globals().get(name) or getattr(test_results, name, None) or
-                        getattr(test_pilot_health, name, None)), name
+                        getattr(test_pilot_health, name, None) or
+                        getattr(test_outputs, name, None)), name
 
 
 @pytest.mark.faults

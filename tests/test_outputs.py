@@ -171,8 +171,8 @@ def test_bad_input_attachment_over_the_limits(couch, tdb, tmp_path):
 
 
 @pytest.mark.parametrize("pattern", ["../x", "results/../../x", "/etc/passwd"])
-def test_an_attach_pattern_outside_the_working_directory_is_refused(couch, tdb, tmp_path,
-                                                                   pattern):
+def test_bad_input_attach_pattern_outside_the_working_directory(couch, tdb, tmp_path,
+                                                                pattern):
     make_tokens(tdb, ["a"])
     task = script(tmp_path / "task.sh", "true\n")
     result = run_cli(couch, tdb, ["run", "--attach", pattern, "--", task], cwd=tmp_path)
@@ -183,7 +183,7 @@ def test_an_attach_pattern_outside_the_working_directory_is_refused(couch, tdb, 
         picas.CommandActor(tdb, [task], attach=[pattern])
 
 
-def test_files_that_cannot_be_attached_are_listed_with_the_reason(couch, tdb, tmp_path):
+def test_bad_input_files_attach_cannot_attach(couch, tdb, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.txt").write_text("not yours")
