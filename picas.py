@@ -4518,6 +4518,51 @@ def check_attach_pattern(pattern):
     return pattern
 
 
+def _match_inside(base, pattern):
+    """The paths under ``base`` matching the glob ``pattern``, relative and sorted.
+
+    As :mod:`glob` matches (``*`` within one name, ``**`` for any depth,
+    names starting with a dot only when the pattern's do), but without
+    ever entering a symlinked folder: the search stays inside ``base``.
+    """
+    import fnmatch
+    parts = [part for part in pattern.replace(os.sep, "/").split("/") if part not in ("", ".")]
+    found = set()
+
+    def entries(rel):
+        try:
+            return sorted(os.scandir(os.path.join(base, rel) if rel else base),
+                          key=lambda entry: entry.name)
+        except OSError:
+            return []
+
+    def walk(rel, i):
+        part = parts[i]
+        last = i + 1 == len(parts)
+        if part == "**":
+            if last:
+                found.update(rel + "/" + e.name if rel else e.name for e in entries(rel)
+                             if not e.name.startswith("."))
+            else:
+                walk(rel, i + 1)
+            for entry in entries(rel):
+                if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                    walk(rel + "/" + entry.name if rel else entry.name, i)
+            return
+        for entry in entries(rel):
+            if entry.name.startswith(".") and not part.startswith("."):
+                continue
+            if fnmatch.fnmatchcase(entry.name, part):
+                name = rel + "/" + entry.name if rel else entry.name
+                if last:
+                    found.add(name)
+                elif entry.is_dir(follow_symlinks=False):
+                    walk(name, i + 1)
+    if parts:
+        walk("", 0)
+    return sorted(found)
+
+
 def _tail(path, size):
     """The last ``size`` bytes of the file at ``path`` as text (bad UTF-8 replaced)."""
     with open(path, "rb") as fh:
@@ -4772,22 +4817,25 @@ class CommandActor(RunActor):
 
     def _attach_files(self, token, cwd, attached_before):
         """Attach the files matching ``attach`` in ``cwd``; list those left out, and why."""
-        import glob
         import mimetypes
         import stat
         tid = token["_id"]
         base = os.path.realpath(cwd)
         reserved = set(["logs_%s.out" % tid, "logs_%s.err" % tid, "output_%s.json" % tid])
         others = set(token.get("_attachments") or {}) - reserved - set(attached_before)
-        matches = []
+        matches, seen = [], set()
         for pattern in self.attach:
-            found = sorted(glob.glob(os.path.join(glob.escape(base), pattern), recursive=True))
+            found = _match_inside(base, pattern)
             if not found:
                 log.info("token %s: --attach %s matched no file in %s", tid, pattern, base)
-            matches.extend(path for path in found if path not in matches)
+            for name in found:
+                if name not in seen:
+                    seen.add(name)
+                    # A folder "**" went through is not left out: its files are matched.
+                    matches.append((name, pattern.rstrip("/").endswith("**")))
         attached, skipped, total = [], [], 0
-        for path in matches:
-            name = os.path.relpath(path, base).replace(os.sep, "/")
+        for name, through in matches:
+            path = os.path.join(base, name)
             shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             real = os.path.realpath(path)
             data, reason = None, None
@@ -4801,6 +4849,8 @@ class CommandActor(RunActor):
                 reason = "a symlink pointing outside the working directory"
             elif info is None:
                 pass
+            elif stat.S_ISDIR(info.st_mode) and through:
+                continue
             elif stat.S_ISDIR(info.st_mode):
                 reason = "a directory: attach the files in it with a pattern such as %s/*" % name
             elif not stat.S_ISREG(info.st_mode):

@@ -4,6 +4,7 @@ Pilots run ``python picas.py run`` against the real test server; the tasks
 are small shell scripts. Bad output files and files over the attachment
 limits must never lose a result or change the task's exit code.
 """
+import glob
 import json
 import os
 import signal
@@ -211,6 +212,50 @@ def test_bad_input_files_attach_cannot_attach(couch, tdb, tmp_path):
     assert doc["attached"] == ["link-in.txt", "logs_t-1.out.txt", "real.txt"]
     assert tdb.get_attachment("t-1", "link-in.txt") == b"inside\n"
     assert picas.token_state(doc) == "done"
+
+
+def test_attach_never_enters_a_symlinked_folder(couch, tdb, tmp_path):
+    """``**`` goes through the task's folders only: not a link to the outside, not a loop."""
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "secret.txt").write_text("not yours")
+    make_tokens(tdb, ["a"])
+    task = script(tmp_path / "task.sh", """
+        mkdir -p sub/deeper .hidden
+        echo a > sub/a.txt
+        echo b > sub/deeper/b.txt
+        echo h > .hidden/h.txt
+        ln -s "%s" ext
+        ln -s . loop
+        """ % outside)
+    result = run_cli(couch, tdb, ["run", "--workdir", "--attach", "**", "--attach", "**/*.txt",
+                                  "--", task], cwd=tmp_path, timeout=60)
+    assert_clear(result, 0, "1 files not attached")
+    doc = tdb.get("t-1")
+    assert doc["attached"] == ["sub/a.txt", "sub/deeper/b.txt"]
+    assert doc["attach_skipped"] == [{"name": "ext", "reason": "a symlink pointing outside "
+                                      "the working directory"}]
+
+
+def test_match_inside_matches_as_glob_does(tmp_path):
+    for name in ["a.txt", "b.csv", ".dot.txt", "d/e.txt", "d/f/g.txt", "d/.h/i.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    base = str(tmp_path)
+    for pattern in ["*.txt", "*", "d/*", "**/*.txt", "d/**", "**", ".*", "d/f/*.txt", "?.csv",
+                    "[ab].*", "d//e.txt", "./a.txt", "nothing/*"]:
+        if pattern in ("d//e.txt", "./a.txt"):
+            continue
+        # The files (glob also gives "d/**" the folder d itself, which is never attached).
+        expected = sorted(os.path.relpath(p, base) for p in
+                          glob.glob(os.path.join(base, pattern), recursive=True)
+                          if os.path.isfile(p))
+        got = picas._match_inside(base, pattern)
+        assert [p for p in got if os.path.isfile(os.path.join(base, p))] == expected, pattern
+        assert set(got) >= set(os.path.relpath(p, base) for p in glob.glob(
+            os.path.join(base, pattern), recursive=True)) - set(["d", "."]), pattern
+    assert picas._match_inside(base, "d//e.txt") == ["d/e.txt"]
+    assert picas._match_inside(base, "./a.txt") == ["a.txt"]
 
 
 def test_an_attachment_never_replaces_the_logs_or_an_input_attachment(couch, tdb, tmp_path):
