@@ -147,6 +147,17 @@ def test_attach_globs_attach_the_tasks_files(couch, tdb, tmp_path):
     assert "--attach nothing-*.x matched no file" in result.err
 
 
+def test_an_attachment_over_couchdbs_document_size_limit_is_stored(couch, tdb, tmp_path):
+    """9 MB: more than CouchDB's max_document_size (8 MB, which counts the JSON fields only)."""
+    make_tokens(tdb, ["a"])
+    task = script(tmp_path / "task.sh", "head -c 9000000 /dev/urandom > big.bin\n")
+    result = run_cli(couch, tdb, ["run", "--attach", "big.bin", "--", task], cwd=tmp_path)
+    assert_clear(result, 0)
+    doc = tdb.get("t-1")
+    assert picas.token_state(doc) == "done" and doc["attached"] == ["big.bin"], doc
+    assert tdb.get_attachment("t-1", "big.bin") == (tmp_path / "big.bin").read_bytes()
+
+
 @pytest.mark.faults
 def test_bad_input_attachment_over_the_limits(couch, tdb, tmp_path):
     """Files over --attach-limit or --attach-total: left out, listed, the result kept."""
