@@ -4725,8 +4725,21 @@ class CommandActor(RunActor):
             return
         if self.keep_workdir:
             log.info("the task's working directory %s is kept (--keep-workdir)", folder)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+            return
+        # A task may leave folders it made read-only: make them writable (never a
+        # symlink's target) so that they can be emptied.
+        for root, dirs, _ in os.walk(folder):
+            for name in dirs:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    try:
+                        os.chmod(path, 0o700)
+                    except OSError:
+                        pass
+        shutil.rmtree(folder, ignore_errors=True)
+        if os.path.lexists(folder):
+            log.warning("could not remove the task's working directory %s: remove it by hand",
+                        folder)
 
     def _collect_outputs(self, token, output_file, cwd, attached_before):
         """Merge ``$PICAS_OUTPUT_FILE`` and attach the ``attach`` files; never fail the result."""

@@ -325,6 +325,24 @@ def test_workdir_gives_every_token_a_fresh_folder(couch, tdb, tmp_path, keep):
         assert os.listdir(str(base)) == []
 
 
+def test_a_workdir_with_read_only_folders_is_removed_too(couch, tdb, tmp_path):
+    """(As root, who removes read-only folders anyway, only the symlink's target is proven.)"""
+    make_tokens(tdb, ["a"])
+    base = tmp_path / "scratch"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    outside.chmod(0o555)
+    task = script(tmp_path / "task.sh", """
+        mkdir -p locked/inner && echo x > locked/inner/f && chmod 500 locked/inner locked
+        ln -s "%s" link
+        """ % outside)
+    result = run_cli(couch, tdb, ["run", "--workdir", str(base), "--", task], cwd=tmp_path)
+    assert_clear(result, 0)
+    assert os.listdir(str(base)) == [] and "could not remove" not in result.err
+    assert oct(outside.stat().st_mode & 0o777) == oct(0o555)     # a link's target is left alone
+    outside.chmod(0o755)
+
+
 def test_workdir_without_a_folder_uses_the_pilots_temporary_folder(couch, tdb, tmp_path):
     make_tokens(tdb, [u"\u03b1/../x y"], prefix="../odd id")
     script(tmp_path / "task.sh", WORKDIR_TASK % (tmp_path / "seen"))
