@@ -3514,7 +3514,7 @@ class _Lease(object):
                 self.task["heartbeat"] = body["heartbeat"]
 
     def _extra(self):
-        """The fields ``extra_fields`` gives for this heartbeat ({} when none, or when it fails)."""
+        """The fields ``extra_fields`` gives for this heartbeat ({} when none or when it fails)."""
         hook = self.extra_fields
         if hook is None:
             return {}
