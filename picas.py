@@ -1313,8 +1313,11 @@ def _same_content(stored, written):
 TOKEN_DEFAULTS = {"type": "token", "lock": 0, "done": 0, "hostname": "",
                   "scrub_count": 0, "input": "", "exit_code": "", "error": []}
 
+#: The running task's last output, written with each heartbeat (see CommandActor):
+#: ``{"out": text, "err": text, "time": unix time}``; gone once the token is finished.
+LIVE_LOG_FIELD = "live_log"
 #: Fields that describe one claim: removed when a token goes back to todo.
-_CLAIM_FIELDS = ("pilot_id", "claim_id", "heartbeat")
+_CLAIM_FIELDS = ("pilot_id", "claim_id", "heartbeat", LIVE_LOG_FIELD)
 
 _VIEW_TEMPLATE = ('function(doc) {\n   if(doc.type == "token") {\n    if(%s) {\n'
                   '      emit(doc._id, doc._id);\n    }\n  }\n}\n')
@@ -3025,6 +3028,8 @@ def _reapply(task, claimed, current):
     merged.update(changes)
     for key in removed:
         merged.pop(key, None)
+    if LIVE_LOG_FIELD not in task:
+        merged.pop(LIVE_LOG_FIELD, None)      # the heartbeat's, not part of the result
     attachments = {}
     for name, info in (current.get("_attachments") or {}).items():
         attachments[name] = {"stub": True, "content_type": info.get("content_type"),
@@ -3428,6 +3433,10 @@ class _Lease(object):
     overlap (:meth:`Database.save` takes the lease's lock), so user saves
     never meet a conflict the heartbeat made; a heartbeat after a user save
     keeps the user's changes and hands the new revision to the token object.
+
+    ``extra_fields``, when set, is called (in the heartbeat thread) for more
+    fields to write with each heartbeat, such as CommandActor's ``live_log``.
+    It must be quick; when it raises, the heartbeat goes without them.
     """
 
     def __init__(self, db, token, claimed, interval):
@@ -3437,6 +3446,7 @@ class _Lease(object):
         self.rev = token.get("_rev")
         self.interval = interval
         self.lost = None
+        self.extra_fields = None
         self._base = dict(claimed, _rev=self.rev)
         self.lock = threading.RLock()
         self._stop = threading.Event()
@@ -3474,7 +3484,8 @@ class _Lease(object):
         with self.lock:
             if self.lost is not None or self._stop.is_set():
                 return
-            body = dict(self._base, heartbeat=_now(), _rev=self.rev)
+            extra = self._extra()
+            body = dict(self._base, heartbeat=_now(), _rev=self.rev, **extra)
             for _ in range(5):
                 based_on = body["_rev"]
                 try:
@@ -3488,7 +3499,7 @@ class _Lease(object):
                                     "pilot ran it; its result will be kept in the token's "
                                     "error list", body["_id"])
                         return
-                    body = dict(current, heartbeat=_now())   # keep what others wrote
+                    body = dict(current, heartbeat=_now(), **extra)   # keep what others wrote
             else:
                 return
             self.rev = body["_rev"]
@@ -3501,6 +3512,18 @@ class _Lease(object):
             if self.task.get("_rev") == based_on and not self._stop.is_set():
                 self.task["_rev"] = self.rev
                 self.task["heartbeat"] = body["heartbeat"]
+
+    def _extra(self):
+        """The fields ``extra_fields`` gives for this heartbeat ({} when none or when it fails)."""
+        hook = self.extra_fields
+        if hook is None:
+            return {}
+        try:
+            return dict((key, value) for key, value in dict(hook() or {}).items()
+                        if key not in ("_id", "_rev", "heartbeat"))
+        except Exception as exc:               # a heartbeat never fails for its extras
+            log.debug("heartbeat of %s: extra fields failed: %r", self.task.get("_id"), exc)
+            return {}
 
     def owns(self, current):
         """True while ``current`` (the stored token) still belongs to this claim."""
@@ -4036,6 +4059,7 @@ class RunActor(object):
         """Mark the token done (scrubbed if it failed and may be retried), journal it, save it."""
         self._arm_budget()                # a stop that was held: bounded from now
         task = run.token
+        task.pop(LIVE_LOG_FIELD, None)    # only while it runs
         if not _js_number(task.get("done")):
             task["done"] = _now()
         if task.get("exit_code") in ("", None):
@@ -4469,6 +4493,89 @@ _MAX_ARG = 128 * 1024
 _MAX_INPUT = _MAX_ARG - len("PICAS_TOKEN_INPUT=") - 1
 
 
+#: The largest ``$PICAS_OUTPUT_FILE`` merged into the token's ``output`` (the
+#: token is one JSON document: CouchDB's max_document_size is 8 MB by default).
+OUTPUT_FILE_LIMIT = 1024 * 1024
+#: Bytes ``--attach`` attaches at most of one file, and of all a token's files
+#: together. They travel inline (base64) in the result save, which CouchDB
+#: bounds by max_attachment_size and max_http_request_size, not by
+#: max_document_size; the journal keeps a copy until the server holds them.
+ATTACH_LIMIT = 16 * 1024 * 1024
+ATTACH_TOTAL = 64 * 1024 * 1024
+#: Bytes of the end of stdout and of stderr written with each heartbeat (``live_log``).
+LIVE_LOG_BYTES = 4096
+#: Characters of a token id kept in the name of its working directory (the rest is a hash).
+_WORKDIR_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def check_attach_pattern(pattern):
+    """Raise ValueError unless the glob ``pattern`` stays inside the task's working directory."""
+    parts = pattern.replace(os.sep, "/").split("/")
+    if not pattern or os.path.isabs(pattern) or ".." in parts:
+        raise ValueError("--attach %r: give a pattern relative to the task's working directory, "
+                         "such as 'results/*.csv' (absolute paths and '..' are refused: a "
+                         "task's files never come from outside it)" % pattern)
+    return pattern
+
+
+def _match_inside(base, pattern):
+    """The paths under ``base`` matching the glob ``pattern``, relative and sorted.
+
+    As :mod:`glob` matches (``*`` within one name, ``**`` for any depth,
+    names starting with a dot only when the pattern's do), but without
+    ever entering a symlinked folder: the search stays inside ``base``.
+    """
+    import fnmatch
+    parts = [part for part in pattern.replace(os.sep, "/").split("/") if part not in ("", ".")]
+    found = set()
+
+    def entries(rel):
+        try:
+            return sorted(os.scandir(os.path.join(base, rel) if rel else base),
+                          key=lambda entry: entry.name)
+        except OSError:
+            return []
+
+    def walk(rel, i):
+        part = parts[i]
+        last = i + 1 == len(parts)
+        if part == "**":
+            if last:
+                found.update(rel + "/" + e.name if rel else e.name for e in entries(rel)
+                             if not e.name.startswith("."))
+            else:
+                walk(rel, i + 1)
+            for entry in entries(rel):
+                if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                    walk(rel + "/" + entry.name if rel else entry.name, i)
+            return
+        for entry in entries(rel):
+            if entry.name.startswith(".") and not part.startswith("."):
+                continue
+            if fnmatch.fnmatchcase(entry.name, part):
+                name = rel + "/" + entry.name if rel else entry.name
+                if last:
+                    found.add(name)
+                elif entry.is_dir(follow_symlinks=False):
+                    walk(name, i + 1)
+    if parts:
+        walk("", 0)
+    return sorted(found)
+
+
+def _tail(path, size):
+    """The last ``size`` bytes of the file at ``path`` as text (bad UTF-8 replaced)."""
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        fh.seek(max(0, fh.tell() - size))
+        return fh.read(size).decode("utf-8", "replace")
+
+
+def _json_kind(value):
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
 class CommandActor(RunActor):
     """The pilot behind ``picas.py run -- COMMAND ARGS...``.
 
@@ -4479,21 +4586,47 @@ class CommandActor(RunActor):
     argument, never pasted into a shell command line by picas.py. stdout and
     stderr go to files, are attached as ``logs_<id>.out``/``.err`` (head and
     tail kept when longer than ``log_limit`` bytes), and the exit code is
-    recorded.
+    recorded. While the task runs, each heartbeat writes the end of both to
+    the token's ``live_log``.
+
+    Outputs: a JSON object the task writes to ``$PICAS_OUTPUT_FILE`` is merged
+    into the token's ``output``. Files of the task's working directory
+    matching the globs ``attach`` are attached, each at most ``attach_limit``
+    bytes and all together ``attach_total``; what is left out is listed in
+    ``attach_skipped``. With ``workdir`` (a folder, or "" for the pilot's
+    temporary folder) each token runs in a fresh folder inside it
+    (``$PICAS_WORKDIR``), removed after the result is saved unless
+    ``keep_workdir``; without it the task runs in the pilot's folder.
+    Problems with outputs never change the exit code or lose the result:
+    they are noted in the token (``output_note``, ``attach_skipped``).
     """
 
-    def __init__(self, db, command, log_limit=DEFAULT_LOG_LIMIT, **kwargs):
+    def __init__(self, db, command, log_limit=DEFAULT_LOG_LIMIT, attach=(),
+                 attach_limit=ATTACH_LIMIT, attach_total=ATTACH_TOTAL, workdir=None,
+                 keep_workdir=False, **kwargs):
         RunActor.__init__(self, db, **kwargs)
         self.command = list(command)
         self.log_limit = log_limit
+        self.attach = [check_attach_pattern(p) for p in attach]
+        self.attach_limit = attach_limit
+        self.attach_total = attach_total
+        self.workdir = None if workdir is None else os.path.abspath(workdir) if workdir else ""
+        self.keep_workdir = keep_workdir
+        if self.workdir is not None and self.command and os.sep in self.command[0]:
+            # The task starts in another folder: ./process_task.sh must still be found.
+            self.command[0] = os.path.abspath(self.command[0])
+        self._task_dir = None        # this token's fresh working directory, while it exists
         self.results = {"done": 0, "error": 0, "todo": 0}
 
     def prepare_env(self):
         import tempfile
         self.tmpdir = tempfile.mkdtemp(prefix="picas-pilot-")
+        if self.workdir:
+            os.makedirs(self.workdir, exist_ok=True)
 
     def cleanup_env(self):
         import shutil
+        self._drop_task_dir()
         shutil.rmtree(getattr(self, "tmpdir", ""), ignore_errors=True)
 
     def process_task(self, token):
@@ -4513,30 +4646,51 @@ class CommandActor(RunActor):
             raise PicasError("the token's input holds a null character (\\0), which no "
                              "command-line argument can hold; keep such data in a file or an "
                              "attachment and put its name in the input")
+        # The notes of an earlier run describe that run; the names it attached may be replaced.
+        attached_before = token.get("attached") if isinstance(token.get("attached"), list) else []
+        for field in ("output_note", "attach_skipped", "attached"):
+            token.pop(field, None)
         # Files named after a hash of the id: any id fits in a file name.
         safe = os.path.basename(self.journal.path_for({"_id": tid}))[:16]
         token_file = os.path.join(self.tmpdir, "token-%s.json" % safe)
         with open(token_file, "wb") as fh:
             fh.write(_dumps(token))
+        output_file = os.path.join(self.tmpdir, "output-%s.json" % safe)
+        _remove(output_file)
+        self._drop_task_dir()            # one a stopped token left
+        cwd = self._new_task_dir(tid, safe) if self.workdir is not None else None
         env = task_environment(self._db, PICAS_TOKEN_ID=tid, PICAS_TOKEN_INPUT=arg,
-                               PICAS_TOKEN_FILE=token_file)
+                               PICAS_TOKEN_FILE=token_file, PICAS_OUTPUT_FILE=output_file,
+                               PICAS_WORKDIR=cwd or os.getcwd())
         argv = [_utf8(a) for a in self.command + [arg, tid]]
         paths = [os.path.join(self.tmpdir, "logs_%s.%s" % (safe, ext)) for ext in ("out", "err")]
+        run = getattr(self, "_token_run", None)
+        lease = run.lease if run is not None else None
+        exited = False                   # the task ran to its end, or max_token_time ended it
         started = time.monotonic()
         try:
             with open(paths[0], "wb") as out, open(paths[1], "wb") as err:
-                code = run_command(argv, stdout=out, stderr=err, env=env, grace=self.grace,
-                                   on_exit=self.finishing)
+                if lease is not None:
+                    lease.extra_fields = lambda: self._live_log(paths)
+                try:
+                    code = run_command(argv, stdout=out, stderr=err, cwd=cwd, env=env,
+                                       grace=self.grace, on_exit=self.finishing)
+                    exited = True
+                except TaskTimeout:
+                    exited = True
+                    raise
             self.finishing()
             token["exit_code"] = code
         finally:
+            if lease is not None:
+                lease.extra_fields = None
             for path, ext in zip(paths, ("out", "err")):
                 inline_attachment(token, "logs_%s.%s" % (tid, ext),
                                   read_log(path, self.log_limit), "text/plain")
-                try:
-                    os.remove(path)
-                except OSError:
-                    pass
+                _remove(path)
+            if exited:
+                self._collect_outputs(token, output_file, cwd or os.getcwd(), attached_before)
+            _remove(output_file)
             os.remove(token_file)
             token["run_seconds"] = round(time.monotonic() - started, 3)
 
@@ -4547,6 +4701,209 @@ class CommandActor(RunActor):
             self.results[state] += 1
         log.info("token %s: exit code %s in %.1f s -> %s", token["_id"], token.get("exit_code"),
                  token.get("run_seconds", 0), state or "?")
+        self._drop_task_dir()
+
+    # -- outputs ------------------------------------------------------------
+
+    def _live_log(self, paths):
+        """The ``live_log`` field a heartbeat writes: the ends of stdout and stderr so far."""
+        out, err = (_tail(path, LIVE_LOG_BYTES) for path in paths)
+        return {LIVE_LOG_FIELD: {"out": out, "err": err, "time": _now()}}
+
+    def _new_task_dir(self, tid, safe):
+        """A fresh folder for this token: its id's plain characters, a hash and a random tail."""
+        import tempfile
+        plain = "".join(c if c in _WORKDIR_CHARS else "_" for c in tid[:40]).lstrip(".")
+        self._task_dir = tempfile.mkdtemp(prefix="%s-%s-" % (plain or "token", safe[:8]),
+                                          dir=self.workdir or self.tmpdir)
+        return self._task_dir
+
+    def _drop_task_dir(self):
+        import shutil
+        folder, self._task_dir = self._task_dir, None
+        if folder is None:
+            return
+        if self.keep_workdir:
+            log.info("the task's working directory %s is kept (--keep-workdir)", folder)
+            return
+        # A task may leave folders it made read-only: make them writable (never a
+        # symlink's target) so that they can be emptied.
+        for root, dirs, _ in os.walk(folder):
+            for name in dirs:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    try:
+                        os.chmod(path, 0o700)
+                    except OSError:
+                        pass
+        shutil.rmtree(folder, ignore_errors=True)
+        if os.path.lexists(folder):
+            log.warning("could not remove the task's working directory %s: remove it by hand",
+                        folder)
+
+    def _collect_outputs(self, token, output_file, cwd, attached_before):
+        """Merge ``$PICAS_OUTPUT_FILE`` and attach the ``attach`` files; never fail the result."""
+        try:
+            self._merge_output_file(token, output_file)
+        except Exception as exc:
+            self._output_note(token, "$PICAS_OUTPUT_FILE could not be read (%r): not merged "
+                              "into output" % (exc,))
+        if self.attach:
+            try:
+                self._attach_files(token, cwd, attached_before)
+            except Exception as exc:
+                log.exception("token %s: attaching files failed", token["_id"])
+                token["attach_skipped"] = (token.get("attach_skipped") or []) + [
+                    {"name": ", ".join(self.attach), "reason": "attaching failed: %r" % (exc,)}]
+
+    def _output_note(self, token, message):
+        log.warning("token %s: %s", token["_id"], message)
+        note = token.get("output_note")
+        token["output_note"] = "%s; %s" % (note, message) if note else message
+
+    def _merge_output_file(self, token, path):
+        """Merge the JSON object at ``path`` into ``token["output"]`` (key by key).
+
+        A file that is too large, not JSON or not an object is not merged: it
+        is attached as ``output_<id>.json`` (when it fits ``attach_limit``)
+        and ``output_note`` says why. Values CouchDB cannot store (lone
+        surrogates, NaN) are stored as make_storable makes them, with a note.
+        """
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return                                   # the task wrote none
+        tid = token["_id"]
+        value, problem = None, None
+        if size > OUTPUT_FILE_LIMIT:
+            problem = ("is %d bytes, more than the %d merged into a token's output; write "
+                       "large results to a file and attach it (--attach)"
+                       % (size, OUTPUT_FILE_LIMIT))
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(OUTPUT_FILE_LIMIT + 1)
+            try:
+                value = json.loads(data.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                problem = "is not UTF-8 text (%s); write one JSON object" % exc
+            except ValueError as exc:
+                problem = ("is not valid JSON (%s); write one JSON object, such as "
+                           '{"score": 0.9}' % exc)
+            except RecursionError:
+                problem = "is nested too deeply to be read; write a flatter JSON object"
+            else:
+                if not isinstance(value, dict):
+                    problem = ("holds %s, not a JSON object; write an object, such as "
+                               '{"result": ...}' % _json_kind(value))
+        if problem is not None:
+            name = "output_%s.json" % tid
+            if size <= self.attach_limit:
+                with open(path, "rb") as fh:
+                    inline_attachment(token, name, fh.read(self.attach_limit + 1),
+                                      "application/json")
+                kept = "the file is attached as %s" % name
+            else:
+                kept = "the file is not kept (over --attach-limit too)"
+            self._output_note(token, "$PICAS_OUTPUT_FILE %s. Not merged into output; %s"
+                              % (problem, kept))
+            return
+        problems = find_unstorable(value, "output")
+        if problems:
+            value = make_storable(value)
+            self._output_note(token, "$PICAS_OUTPUT_FILE holds values CouchDB cannot store, "
+                              "stored as text instead: %s" % "; ".join(problems))
+        old = token.get("output")
+        if isinstance(old, dict):
+            merged = dict(old)
+            merged.update(value)
+        elif old in (None, ""):
+            merged = dict(value)
+        else:
+            key = "previous_output"
+            while key in value:
+                key = "_" + key
+            merged = dict(value)
+            merged[key] = old
+            self._output_note(token, "the token's output was %s, not an object: it is kept "
+                              "as output.%s" % (_json_kind(old), key))
+        token["output"] = merged
+
+    def _attach_files(self, token, cwd, attached_before):
+        """Attach the files matching ``attach`` in ``cwd``; list those left out, and why."""
+        import mimetypes
+        import stat
+        tid = token["_id"]
+        base = os.path.realpath(cwd)
+        reserved = set(["logs_%s.out" % tid, "logs_%s.err" % tid, "output_%s.json" % tid])
+        others = set(token.get("_attachments") or {}) - reserved - set(attached_before)
+        matches, seen = [], set()
+        for pattern in self.attach:
+            found = _match_inside(base, pattern)
+            if not found:
+                log.info("token %s: --attach %s matched no file in %s", tid, pattern, base)
+            for name in found:
+                if name not in seen:
+                    seen.add(name)
+                    # A folder "**" went through is not left out: its files are matched.
+                    matches.append((name, pattern.rstrip("/").endswith("**")))
+        attached, skipped, total = [], [], 0
+        for name, through in matches:
+            path = os.path.join(base, name)
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            real = os.path.realpath(path)
+            data, reason = None, None
+            try:
+                info = os.stat(path)
+            except OSError as exc:
+                info, reason = None, "cannot be read: %s" % (exc.strerror or exc)
+            if shown != name:
+                reason = "its name is not UTF-8 text; rename it"
+            elif real != base and not real.startswith(base + os.sep):
+                reason = "a symlink pointing outside the working directory"
+            elif info is None:
+                pass
+            elif stat.S_ISDIR(info.st_mode) and through:
+                continue
+            elif stat.S_ISDIR(info.st_mode):
+                reason = "a directory: attach the files in it with a pattern such as %s/*" % name
+            elif not stat.S_ISREG(info.st_mode):
+                reason = "not a regular file"
+            elif name.startswith("_"):
+                reason = "CouchDB refuses attachment names starting with _; rename it"
+            elif name in reserved:
+                reason = "the name is taken by the task's logs or output file"
+            elif name in others:
+                reason = "the token already has an attachment of that name; it is not replaced"
+            elif info.st_size > self.attach_limit:
+                reason = ("%d bytes, over the limit of %d for one file (--attach-limit)"
+                          % (info.st_size, self.attach_limit))
+            elif total + info.st_size > self.attach_total:
+                reason = ("%d bytes, over the limit of %d for all files of a token "
+                          "(--attach-total; %d bytes attached before it)"
+                          % (info.st_size, self.attach_total, total))
+            else:
+                try:
+                    with open(path, "rb") as fh:
+                        data = fh.read(self.attach_limit + 1)
+                except OSError as exc:
+                    reason = "cannot be read: %s" % (exc.strerror or exc)
+                else:
+                    if len(data) > self.attach_limit or total + len(data) > self.attach_total:
+                        data, reason = None, "it grew past the size limits while being read"
+            if reason is not None:
+                skipped.append({"name": shown, "reason": reason})
+                continue
+            inline_attachment(token, name, data,
+                              mimetypes.guess_type(name)[0] or "application/octet-stream")
+            total += len(data)
+            attached.append(name)
+        if attached:
+            token["attached"] = attached
+        if skipped:
+            token["attach_skipped"] = skipped
+            log.warning("token %s: %d files not attached (listed in its attach_skipped): %s",
+                        tid, len(skipped), "; ".join("%s: %s" % (s["name"], s["reason"])
+                                                     for s in skipped[:5]))
 
 
 ###############################################################################
@@ -5532,6 +5889,20 @@ def _build_parser():
     p.add_argument("--journal", metavar="DIR",
                    help="folder where finished results wait until the server holds them "
                    "(default: $PICAS_JOURNAL or ./%s)" % DEFAULT_JOURNAL)
+    p.add_argument("--attach", action="append", default=[], metavar="GLOB",
+                   help="attach the files matching GLOB in the task's working directory to "
+                   "the token (repeatable; e.g. 'results/*.csv')")
+    p.add_argument("--attach-limit", type=_number(int, 0), default=ATTACH_LIMIT,
+                   metavar="BYTES", help="largest file --attach attaches "
+                   "(default: %(default)s)")
+    p.add_argument("--attach-total", type=_number(int, 0), default=ATTACH_TOTAL,
+                   metavar="BYTES", help="most bytes --attach attaches to one token "
+                   "(default: %(default)s)")
+    p.add_argument("--workdir", nargs="?", const="", metavar="DIR",
+                   help="run every token in a fresh folder inside DIR (default: the pilot's "
+                   "temporary folder), removed once the result is saved")
+    p.add_argument("--keep-workdir", action="store_true",
+                   help="with --workdir: keep each token's folder")
     p.add_argument("task", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     p.set_defaults(func=cmd_run)
 
@@ -6267,9 +6638,30 @@ def _check_command(command):
         raise UsageError("command %r not found on PATH" % exe)
 
 
+def _check_outputs(args):
+    """--attach, --workdir and --keep-workdir: refused before anything is claimed."""
+    for pattern in args.attach:
+        try:
+            check_attach_pattern(pattern)
+        except ValueError as exc:
+            raise UsageError(str(exc))
+    if args.keep_workdir and args.workdir is None:
+        raise UsageError("--keep-workdir needs --workdir (without it the task runs in the "
+                         "pilot's folder, which is never removed)")
+    if args.workdir:
+        try:
+            os.makedirs(args.workdir, exist_ok=True)
+        except OSError as exc:
+            raise UsageError("--workdir %s: cannot create it (%s)" % (args.workdir,
+                                                                     exc.strerror or exc))
+        if not os.access(args.workdir, os.W_OK | os.X_OK):
+            raise UsageError("--workdir %s: not writable by this user" % args.workdir)
+
+
 def cmd_run(args, db):
     command = args.task[1:] if args.task[:1] == ["--"] else args.task
     _check_command(command)
+    _check_outputs(args)
     _require_db(db)
     # Fail before claiming anything when the view does not exist.
     view = args.view if "/" in args.view else "%s/%s" % (args.design_doc, args.view)
@@ -6279,7 +6671,10 @@ def cmd_run(args, db):
                          design_doc=args.design_doc, heartbeat=args.heartbeat, grace=args.grace,
                          journal=args.journal, retry_exit_codes=args.retry_codes,
                          max_retries=args.max_retries, poison_after=args.poison_after,
-                         black_hole=args.black_hole, fast_failure=args.fast_failure)
+                         black_hole=args.black_hole, fast_failure=args.fast_failure,
+                         attach=args.attach, attach_limit=args.attach_limit,
+                         attach_total=args.attach_total, workdir=args.workdir,
+                         keep_workdir=args.keep_workdir)
     if args.endless:
         actor.iterator = EndlessViewIterator(actor.iterator, sleep_sec=args.sleep)
     # Pilots starting together then spread over the view from their first read.

@@ -984,6 +984,17 @@ ROWS = [
      "test_bad_input_export_and_status_options"),
     ("Token ids, host names, fields or error messages holding terminal control characters "
      "(escape sequences)", "test_bad_input_escape_sequences_in_tokens"),
+    ("A `$PICAS_OUTPUT_FILE` that is not JSON, not an object, over 1 MiB or not UTF-8",
+     "test_bad_input_output_file"),
+    ("A `$PICAS_OUTPUT_FILE` holding values CouchDB cannot store (lone surrogates, `NaN`)",
+     "test_bad_input_output_file_with_values_couchdb_cannot_store"),
+    ("Files over `--attach-limit` or `--attach-total`",
+     "test_bad_input_attachment_over_the_limits"),
+    ("Files `--attach` cannot attach (directories, FIFOs, symlinks pointing outside the working "
+     "directory, names starting with `_` or already taken)",
+     "test_bad_input_files_attach_cannot_attach"),
+    ("An `--attach` pattern that leaves the working directory (`../x`, an absolute path)",
+     "test_bad_input_attach_pattern_outside_the_working_directory"),
 ]
 
 
@@ -1001,10 +1012,11 @@ def test_bad_input_catalog_has_a_test_for_every_row():
                 "Interrupted push of a large token file"]
     assert [row for row in required if row not in catalog_rows()] == []
     # Rows of the result path are proven in test_results, of walltime, black holes and
-    # poison in test_pilot_health, of the inspection commands in test_inspect.
+    # poison in test_pilot_health, of task outputs in test_outputs, of the inspection
+    # commands in test_inspect.
     import importlib
     modules = [importlib.import_module(name) for name in
-               ("test_results", "test_pilot_health", "test_inspect")]
+               ("test_results", "test_pilot_health", "test_outputs", "test_inspect")]
     for _, name in ROWS:
         assert callable(globals().get(name) or next(
             (getattr(m, name) for m in modules if hasattr(m, name)), None)), name
