@@ -6084,17 +6084,18 @@ class _Figures(object):
         }
 
 
-def campaign_figures(db, design_doc="Monitor", top=REPORT_TOP, now=None, batch=500):
+def campaign_figures(db, design_doc="Monitor", top=REPORT_TOP, now=None, batch=500,
+                     counts=None):
     """Gather the figures of a campaign report from ``db``: a JSON-able dict.
 
     Counts per state come from ``overview_total``; the done and error
     tokens are read page by page from the ``done`` and ``error`` views, and
     only what the report shows is kept (see :class:`_Figures`), so any pool
     size fits in memory (``batch`` tokens per request). ``now`` (unix time)
-    is the report's time.
+    is the report's time; ``counts`` the :func:`count_states` already read.
     """
     now = time.time() if now is None else now
-    counts = count_states(db, design_doc)
+    counts = count_states(db, design_doc) if counts is None else counts
     figures = _Figures(top, now)
     for state in ("done", "error"):
         for row in db.iterview("%s/%s" % (design_doc, state), batch=batch, include_docs=True):
@@ -6591,8 +6592,12 @@ def cmd_report(args, db):
     if args.html and args.html != "-":
         _check_report_file(args.html)
     _require_db(db)
-    with _IndexWatch(db, args.design_doc):
-        figures = campaign_figures(db, args.design_doc, top=args.top)
+    with _IndexWatch(db, args.design_doc):         # the first query builds the views' index
+        counts = count_states(db, args.design_doc)
+    if counts["done"] + counts["error"] > 5000:
+        log.info("reading the %d finished tokens of %s", counts["done"] + counts["error"],
+                 db.name)
+    figures = campaign_figures(db, args.design_doc, top=args.top, counts=counts)
     if args.json:
         print(json.dumps(figures, sort_keys=True, indent=1), flush=True)
     if args.html:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import subprocess
 import time
 import zlib
@@ -19,6 +20,7 @@ import zlib
 import pytest
 
 import picas
+from faultserver import FaultServer
 from conftest import SENTINEL_PASSWORD
 from helpers import ensure_views, make_tokens
 from test_faults import run_cli, script, token_docs
@@ -342,12 +344,29 @@ def test_bad_input_report_file_that_cannot_be_written(couch, tdb, tmp_path):
                   "    os.mkdir(%r); return real(*a, **k)\n"
                   "picas.campaign_figures = slow; sys.exit(picas.main(sys.argv[1:]))"
             % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), str(target))]
-    proc = subprocess.run([os.sys.executable] + argv + ["report", "--html", str(target)],
+    proc = subprocess.run([sys.executable] + argv + ["report", "--html", str(target)],
                           env=couch.env(tdb.name), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, timeout=60)
     err = proc.stderr.decode()
     assert proc.returncode == picas.EXIT_USAGE, err
     assert "cannot write the report to %s" % target in err and "Traceback" not in err
+
+
+def test_report_says_it_waits_for_the_views_index(couch, tdb, monkeypatch, capsys, tmp_path):
+    make_tokens(tdb, ["a"])
+
+    def slow_first_view(fs, request):
+        slow = "/_view/overview_total" in request.path
+        return ("sleep", 3.0, ("proxy",)) if slow else ("proxy",)
+    with FaultServer(upstream=couch.url, default=slow_first_view) as fs:
+        for name, value in (("PICAS_HOST_URL", fs.url), ("PICAS_DATABASE", tdb.name),
+                            ("PICAS_USERNAME", couch.username),
+                            ("PICAS_PASSWORD", couch.password)):
+            monkeypatch.setenv(name, value)
+        assert picas.main(["report", "--html", str(tmp_path / "r.html")]) == 0
+    err = capsys.readouterr().err
+    assert "waiting for CouchDB to build the index of _design/Monitor" in err, err
+    assert Page((tmp_path / "r.html").read_text()).ids["count-todo"] == "1"
 
 
 def test_bad_input_report_without_views_or_database(couch, db, tmp_path):
