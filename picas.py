@@ -6328,15 +6328,15 @@ def _svg_runtimes(figures, width=900, height=280):
                        '<title>%s to %s: %d tokens</title></rect>'
                        % (x(low) + 1, y(n), max(x(high) - x(low) - 2, 1), bottom - y(n),
                           _esc(_seconds_text(low)), _esc(_seconds_text(high)), n))
-    for name, value, above in (("median", runs["median"], 24), ("p90", runs["p90"], 8)):
+    for name, value, above in (("median", runs["median"], 36), ("p90", runs["p90"], 20)):
         if value is not None:
             at = x(value)
             anchor = "end" if at > right - 80 else "start" if at < left + 80 else "middle"
-            out.append('<line class="marker" x1="%.1f" y1="%d" x2="%.1f" y2="%d"/>'
-                       % (at, top - above + 2, at, bottom))
-            out.append('<text class="marker" x="%.1f" y="%d" text-anchor="%s">%s %s</text>'
-                       % (at + {"end": -4, "start": 4, "middle": 0}[anchor], top - above,
-                          anchor, name, _esc(_seconds_text(value))))
+            out.append('<line class="marker %s" x1="%.1f" y1="%d" x2="%.1f" y2="%d"/>'
+                       % (name, at, top, at, bottom))
+            out.append('<text class="marker %s" x="%.1f" y="%d" text-anchor="%s">%s %s</text>'
+                       % (name, at, top - above + 14, anchor, name,
+                          _esc(_seconds_text(value))))
     out.append("</svg>")
     return "\n".join(out)
 
@@ -6406,8 +6406,9 @@ svg .line { fill: none; stroke-width: 2.2; } svg .line.all { stroke: #1565c0; }
 svg .line.done { stroke: #2e7d32; } svg .line.error { stroke: #c62828; }
 svg text.end { font-weight: 600; } svg text.all { fill: #1565c0; }
 svg text.done { fill: #2e7d32; } svg text.error { fill: #c62828; }
-svg line.marker { stroke: #6a1b9a; stroke-dasharray: 4 3; stroke-width: 1.5; }
+svg line.marker { stroke: #6a1b9a; stroke-dasharray: 4 3; stroke-width: 1.8; }
 svg text.marker { fill: #6a1b9a; font-weight: 600; }
+svg line.p90 { stroke: #e65100; } svg text.p90 { fill: #e65100; }
 .empty { color: #777; font-style: italic; }
 .legend span { display: inline-block; margin-right: 14px; }
 .legend i { display: inline-block; width: 12px; height: 12px; border-radius: 2px;
@@ -6462,9 +6463,10 @@ def render_report(figures):
 
     # Finished over time, and the rate.
     out.append('<section id="progress"><h2>Finished over time</h2>')
-    out.append('<p class="legend"><span><i style="background:#1565c0"></i>all finished</span>'
-               '<span><i style="background:#2e7d32"></i>done</span>'
-               '<span><i style="background:#c62828"></i>error</span></p>')
+    if fin["buckets"]:
+        out.append('<p class="legend"><span><i style="background:#1565c0"></i>all finished</span>'
+                   '<span><i style="background:#2e7d32"></i>done</span>'
+                   '<span><i style="background:#c62828"></i>error</span></p>')
     out.append(_svg_finished(figures))
     if fin["buckets"]:
         left = counts["todo"] + counts["locked"]
@@ -6499,10 +6501,10 @@ def render_report(figures):
 
     # Failures per host and per exit code.
     out.append('<section id="failures"><h2>Failures</h2>')
-    if not counts["error"] and not any(h["error"] for h in figures["hosts"]):
-        out.append('<p class="empty">No token is in error.</p>')
-    out.append('<h3>Per host (the host of the last attempt)</h3>')
-    if figures["hosts"]:
+    if not figures["hosts"]:
+        out.append('<p class="empty">No token has finished yet.</p>')
+    else:
+        out.append('<h3>Per host (the host of the last attempt)</h3>')
         most = max(h["error"] for h in figures["hosts"]) or 1
         out.append('<table id="hosts"><tr><th>host</th><th class="n">error</th>'
                    '<th class="n">done</th><th class="n">failed</th><th>errors</th></tr>')
@@ -6513,10 +6515,8 @@ def render_report(figures):
                            _esc(row["host"]), _count_text(row["error"]),
                            _count_text(row["done"]), share, _bar(row["error"], most, "error")))
         out.append('</table>')
-    else:
-        out.append('<p class="empty">No token has finished yet.</p>')
-    out.append('<h3>Per exit code</h3>')
     if figures["exit_codes"]:
+        out.append('<h3>Per exit code</h3>')
         most = max(c["tokens"] for c in figures["exit_codes"])
         out.append('<table id="exit-codes"><tr><th>exit code</th><th class="n">tokens</th>'
                    '<th></th></tr>')
@@ -6525,13 +6525,14 @@ def render_report(figures):
                        % (_esc(row["exit_code"]), _count_text(row["tokens"]),
                           _bar(row["tokens"], most, "error")))
         out.append('</table>')
-    else:
-        out.append('<p class="empty">No failures.</p>')
+    elif figures["hosts"]:
+        out.append('<p class="empty">No token is in error.</p>')
     out.append('</section>')
 
     # The slowest and the failed tokens.
-    out.append('<section id="slowest-tokens"><h2>The %d slowest done tokens</h2>'
-               % len(figures["slowest"]))
+    out.append('<section id="slowest-tokens"><h2>%s</h2>' % (
+        "The %d slowest done tokens" % len(figures["slowest"]) if figures["slowest"]
+        else "The slowest done tokens"))
     if figures["slowest"]:
         out.append('<table id="slowest"><tr><th>#</th><th>token</th><th class="n">run time</th>'
                    '<th>host</th><th>finished</th></tr>')
@@ -6546,8 +6547,9 @@ def render_report(figures):
     else:
         out.append('<p class="empty">No done token has a run time yet.</p>')
     out.append('</section>')
-    out.append('<section id="failed-tokens"><h2>The %d latest failed tokens</h2>'
-               % len(figures["failed"]))
+    out.append('<section id="failed-tokens"><h2>%s</h2>' % (
+        "The %d latest failed tokens" % len(figures["failed"]) if figures["failed"]
+        else "The latest failed tokens"))
     if figures["failed"]:
         out.append('<table id="failed"><tr><th>token</th><th>finished</th><th>host</th>'
                    '<th class="n">exit code</th><th>last error</th></tr>')

@@ -12,8 +12,8 @@ import os
 import re
 import shutil
 import struct
-import sys
 import subprocess
+import sys
 import time
 import zlib
 
