@@ -83,9 +83,9 @@ random = _LazyModule("random", "random")
 _urlparse = _LazyModule("urllib.parse", "_urlparse")
 
 
-def quote(text, safe="/"):
+def quote(text, safe="/", errors=None):
     """Percent-encode ``text`` for a URL path (urllib.parse.quote)."""
-    return _urlparse.quote(text, safe=safe)
+    return _urlparse.quote(text, safe=safe, errors=errors)
 
 
 def unquote(text):
@@ -6170,8 +6170,13 @@ def _svg_frame(width, height, label):
 
 
 def _esc(text):
+    """``text`` for HTML: escaped, and a lone surrogate (which a lenient server may have
+    stored; UTF-8 cannot hold it) shown as U+FFFD."""
     import html
-    return html.escape(str(text), quote=True)
+    text = str(text)
+    if any("\ud800" <= char <= "\udfff" for char in text):
+        text = "".join("\ufffd" if "\ud800" <= char <= "\udfff" else char for char in text)
+    return html.escape(text, quote=True)
 
 
 def _svg_axes(out, box, xticks, yticks, xlabel, ylabel):
@@ -6368,9 +6373,9 @@ def _bar(value, most, state):
 
 def _token_link(figures, tid):
     """The id, linked to its Fauxton page, with an anchor of its own."""
-    anchor = "token-" + quote(tid, safe="")
-    return '<a id="%s" href="%s">%s</a>' % (
-        _esc(anchor), _esc(figures["fauxton"] + quote(tid, safe="")), _esc(tid))
+    quoted = quote(tid, safe="", errors="surrogatepass")
+    return '<a id="token-%s" href="%s">%s</a>' % (
+        _esc(quoted), _esc(figures["fauxton"] + quoted), _esc(tid))
 
 
 _REPORT_CSS = """

@@ -352,6 +352,23 @@ def test_bad_input_report_file_that_cannot_be_written(couch, tdb, tmp_path):
     assert "cannot write the report to %s" % target in err and "Traceback" not in err
 
 
+def test_report_of_a_token_holding_a_lone_surrogate(couch, tdb, tmp_path):
+    """pouchdb-server stores what CouchDB refuses: the page shows U+FFFD instead."""
+    raw = ('{"type":"token","lock":100,"done":200,"exit_code":3,"hostname":"node\\udc80",'
+           '"input":"x","scrub_count":0,"error":[{"time":200,"message":"cut \\ud83d"}]}')
+    try:
+        couch.server().request("PUT", "/%s/bad" % tdb.name, body=raw.encode("ascii"),
+                               headers={"Content-Type": "application/json"})
+    except picas.BadRequest:
+        pytest.skip("this server refuses lone surrogates itself (CouchDB does: 400)")
+    text, page, result = report(couch, tdb, tmp_path)
+    assert body_rows(page, "failed")[0][4] == "cut \ufffd"
+    assert body_rows(page, "hosts")[0][0] == "node\ufffd"
+    for args in (["report", "--html", "-"], ["report", "--json"]):
+        result = run_cli(couch, tdb, args)
+        assert result.code == 0 and "Traceback" not in result.err, result
+
+
 def test_report_says_it_waits_for_the_views_index(couch, tdb, monkeypatch, capsys, tmp_path):
     make_tokens(tdb, ["a"])
 
