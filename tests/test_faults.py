@@ -977,6 +977,9 @@ ROWS = [
      "test_bad_input_black_hole_host"),
     ("A token that kills its pilot or always runs out of time (poison)",
      "test_bad_input_poison_token"),
+    ("A `report` without `--html` or `--json`, or a report file that cannot be written (a "
+     "folder that does not exist, a folder in its place, a write that fails)",
+     "test_bad_input_report_usage"),
 ]
 
 
@@ -995,9 +998,11 @@ def test_bad_input_catalog_has_a_test_for_every_row():
     assert [row for row in required if row not in catalog_rows()] == []
     import test_results            # the rows of the result path are proven there
     import test_pilot_health       # and those of walltime, black holes and poison there
+    import test_report             # and those of the campaign report there
     for _, name in ROWS:
         assert callable(globals().get(name) or getattr(test_results, name, None) or
-                        getattr(test_pilot_health, name, None)), name
+                        getattr(test_pilot_health, name, None) or
+                        getattr(test_report, name, None)), name
 
 
 @pytest.mark.faults
