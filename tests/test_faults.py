@@ -978,7 +978,7 @@ ROWS = [
     ("A token that kills its pilot or always runs out of time (poison)",
      "test_bad_input_poison_token"),
     ("A `report` without `--html` or `--json`, or a report file that cannot be written (a "
-     "folder that does not exist, a folder in its place, a write that fails)",
+     "folder that does not exist, a folder in its place, no permission, a write that fails)",
      "test_bad_input_report_usage"),
 ]
 

@@ -335,6 +335,19 @@ def test_bad_input_report_usage(couch, tdb, args, message):
     assert SENTINEL_PASSWORD not in result.err
 
 
+def test_bad_input_report_file_without_permission(couch, tdb, tmp_path, monkeypatch, capsys):
+    """(Tests run as root, whom permissions do not stop: os.access stands in for a user's.)"""
+    for name, value in (("PICAS_HOST_URL", couch.url), ("PICAS_DATABASE", tdb.name),
+                        ("PICAS_USERNAME", couch.username), ("PICAS_PASSWORD", couch.password)):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(picas.os, "access", lambda path, mode: False)
+    target = tmp_path / "report.html"
+    assert picas.main(["report", "--html", str(target)]) == picas.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--html %s: no permission to write there" % target in err, err
+    assert not target.exists()
+
+
 def test_bad_input_report_file_that_cannot_be_written(couch, tdb, tmp_path):
     """Past the early checks (the file turns into a folder meanwhile): a clear error."""
     target = tmp_path / "report.html"
