@@ -5874,8 +5874,8 @@ REPORT_TOP = 20
 #: ratio wide (1 %): memory does not grow with the pool, the error stays under 1 %.
 _RUNTIME_RATIO = 1.01
 #: The finished-over-time buckets start this wide (seconds) and double whenever
-#: there are more than _MAX_BUCKETS of them.
-_BUCKET_SECONDS = 60
+#: there are more than _MAX_BUCKETS of them (a year's campaign: about 4.5 h).
+_BUCKET_SECONDS = 1
 _MAX_BUCKETS = 2000
 #: Characters of a failed token's last error message the report keeps.
 _MESSAGE_CHARS = 400
@@ -6127,16 +6127,17 @@ def _nice_step(raw):
     return 10 * power
 
 
-def _ticks(lo, hi, count=5):
-    """Round tick values from at most ``lo`` to at least ``hi``."""
+def _ticks(lo, hi, count=5, integer=False):
+    """Round tick values from at most ``lo`` to at least ``hi`` (whole numbers if ``integer``)."""
     import math
     step = _nice_step((hi - lo) / float(count)) if hi > lo else 1.0
+    if integer:
+        step = max(1, int(math.ceil(step)))
     first = math.floor(lo / step) * step
-    ticks, value = [], first
-    while value < hi + step * 0.5:
-        ticks.append(round(value, 10))
-        value += step
-    return ticks if len(ticks) > 1 else [first, first + step]
+    ticks = [round(first, 10)]
+    while len(ticks) < 2 or ticks[-1] < hi - step * 1e-9:
+        ticks.append(round(first + len(ticks) * step, 10))
+    return ticks
 
 
 def _utc(seconds, form="%Y-%m-%d %H:%M:%S UTC"):
@@ -6203,17 +6204,19 @@ def _svg_axes(out, box, xticks, yticks, xlabel, ylabel):
                % ((top + bottom) / 2.0, (top + bottom) / 2.0, _esc(ylabel)))
 
 
-_TIME_STEPS = (60, 300, 600, 1800, 3600, 7200, 3 * 3600, 6 * 3600, 12 * 3600, 86400,
+_TIME_STEPS = (1, 5, 10, 15, 30, 60, 300, 600, 1800, 3600, 7200, 3 * 3600, 6 * 3600, 12 * 3600, 86400,
                2 * 86400, 7 * 86400, 14 * 86400, 30 * 86400, 91 * 86400, 365 * 86400)
 
 
 def _time_ticks(lo, hi, to_x, most=8):
     """(x, label) ticks at round UTC times between ``lo`` and ``hi``."""
     step = next((s for s in _TIME_STEPS if (hi - lo) / s <= most), _TIME_STEPS[-1])
-    form = "%H:%M" if step < 86400 and hi - lo < 86400 else \
+    form = "%H:%M:%S" if step < 60 else "%H:%M" if step < 86400 and hi - lo < 86400 else \
         "%m-%d %H:%M" if step < 86400 else "%Y-%m-%d"
     first = (int(lo) // step + 1) * step
-    return [(to_x(t), time.strftime(form, time.gmtime(t))) for t in range(first, int(hi) + 1, step)]
+    ticks = [(to_x(t), time.strftime(form, time.gmtime(t))) for t in range(first, int(hi) + 1, step)]
+    # A label at the very end would stick out of the chart.
+    return [tick for tick in ticks if tick[0] < to_x(hi) - 25] or ticks[:1]
 
 
 def _svg_finished(figures, width=900, height=300):
@@ -6226,7 +6229,7 @@ def _svg_finished(figures, width=900, height=300):
     end = max(fin["last_done"], buckets[-1][0] + fin["bucket_seconds"])
     end = end if end > start else start + 60
     ymax = max(1, sum(b[1] + b[2] for b in buckets))
-    yt = _ticks(0, ymax)
+    yt = _ticks(0, ymax, integer=True)
     box = (70, 16, width - 20, height - 50)
     left, top, right, bottom = box
 
@@ -6238,6 +6241,7 @@ def _svg_finished(figures, width=900, height=300):
     out = _svg_frame(width, height, "tokens finished over time")
     _svg_axes(out, box, _time_ticks(start, end, x), [(y(v), _count_text(v)) for v in yt],
               "time (UTC)", "tokens finished")
+    labels = []
     for index, name in ((None, "all"), (1, "done"), (2, "error")):
         total, points = 0, ["%.1f,%.1f" % (x(start), y(0))]
         for bucket in buckets:
@@ -6247,8 +6251,13 @@ def _svg_finished(figures, width=900, height=300):
             points.append("%.1f,%.1f" % (x(t), y(total)))
         points.append("%.1f,%.1f" % (right, y(total)))
         out.append('<polyline class="line %s" points="%s"/>' % (name, " ".join(points)))
+        labels.append([y(total) - 5, name, total])
+    labels.sort()
+    for above, below in zip(labels, labels[1:]):        # 13 px apart at least
+        below[0] = max(below[0], above[0] + 13)
+    for at, name, total in labels:
         out.append('<text x="%d" y="%.1f" class="end %s" text-anchor="end">%s %s</text>'
-                   % (right - 4, y(total) - 5, name, name, _count_text(total)))
+                   % (right - 8, at, name, name, _count_text(total)))
     out.append("</svg>")
     return "\n".join(out)
 
@@ -6311,7 +6320,7 @@ def _svg_runtimes(figures, width=900, height=280):
         abs((hist[1][1] - hist[1][0]) - (hist[0][1] - hist[0][0])) > 1e-9 * hist[-1][1]
     lo, hi = hist[0][0], hist[-1][1]
     hi = hi if hi > lo else lo + 1
-    yt = _ticks(0, max(1, max(b[2] for b in hist)))
+    yt = _ticks(0, max(1, max(b[2] for b in hist)), integer=True)
     box = (70, 40, width - 20, height - 50)
     left, top, right, bottom = box
 
