@@ -6268,9 +6268,13 @@ def _svg_rate(figures, width=900, height=220, bars=40):
     buckets = fin["buckets"]
     if not buckets:
         return ""
-    start = min(fin["first_lock"] or buckets[0][0], buckets[0][0])
-    end = buckets[-1][0] + fin["bucket_seconds"]
-    slot = max(float(fin["bucket_seconds"]), (end - start) / float(bars))
+    width = fin["bucket_seconds"]
+    start = min(fin["first_lock"] or buckets[0][0], buckets[0][0]) // width * width
+    end = buckets[-1][0] + width
+    # A round interval, and a whole number of buckets: no bar gets one more than its neighbours.
+    target = max(width, (end - start) / float(bars))
+    slot = next((s for s in _TIME_STEPS if s >= target), target)
+    slot = float(-(-slot // width) * width)
     count = max(1, int(-(-(end - start) // slot)))
     done, error = [0] * count, [0] * count
     for bucket in buckets:

@@ -272,6 +272,12 @@ def test_report_numbers_shown_match_the_figures(couch, tdb, campaign, tmp_path):
     assert text.count("<svg") == 4
     assert sum(1 for tag, a in page.attrs if tag == "rect" and a.get("class") == "done") >= \
         sum(1 for b in runs["histogram"] if b[2])
+    # Every finished token is in one bar of the rate chart, every run time in one of the histogram.
+    rate_bars = re.findall(r"<title>[^<]*: (\d+) (done|error), [^<]* tokens/h</title>", text)
+    for state in ("done", "error"):
+        assert sum(int(n) for n, s in rate_bars if s == state) == figures["counts"][state]
+    assert sum(int(n) for n in re.findall(r"<title>[^<]* to [^<]*: (\d+) tokens</title>", text)) \
+        == runs["count"]
 
 
 def test_report_never_shows_credentials(couch, tdb, campaign, tmp_path):
