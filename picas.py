@@ -6268,25 +6268,25 @@ def _svg_rate(figures, width=900, height=220, bars=40):
     buckets = fin["buckets"]
     if not buckets:
         return ""
-    width = fin["bucket_seconds"]
-    start = min(fin["first_lock"] or buckets[0][0], buckets[0][0]) // width * width
-    end = buckets[-1][0] + width
+    bucket = fin["bucket_seconds"]
+    start = min(fin["first_lock"] or buckets[0][0], buckets[0][0]) // bucket * bucket
+    end = buckets[-1][0] + bucket
     # A round interval, and a whole number of buckets: no bar gets one more than its neighbours.
-    target = max(width, (end - start) / float(bars))
+    target = max(bucket, (end - start) / float(bars))
     slot = next((s for s in _TIME_STEPS if s >= target), target)
-    slot = float(-(-slot // width) * width)
+    slot = float(-(-slot // bucket) * bucket)
     count = max(1, int(-(-(end - start) // slot)))
     done, error = [0] * count, [0] * count
-    for bucket in buckets:
-        i = min(count - 1, int((bucket[0] - start) // slot))
-        done[i] += bucket[1]
-        error[i] += bucket[2]
+    for row in buckets:
+        i = min(count - 1, int((row[0] - start) // slot))
+        done[i] += row[1]
+        error[i] += row[2]
     per_hour = 3600.0 / slot
     ymax = max(1e-9, max(d + e for d, e in zip(done, error)) * per_hour)
     yt = _ticks(0, ymax)
     box = (70, 16, width - 20, height - 50)
     left, top, right, bottom = box
-    span = start + count * slot - start
+    span = count * slot
 
     def x(t):
         return left + (right - left) * (t - start) / span
@@ -6526,7 +6526,12 @@ def render_report(figures):
         most = max(h["error"] for h in figures["hosts"]) or 1
         out.append('<table id="hosts"><tr><th>host</th><th class="n">error</th>'
                    '<th class="n">done</th><th class="n">failed</th><th>errors</th></tr>')
-        for row in figures["hosts"]:
+        shown, rest = figures["hosts"][:figures["top"]], figures["hosts"][figures["top"]:]
+        if rest:
+            shown = shown + [{"host": "%d more hosts" % len(rest),
+                              "error": sum(r["error"] for r in rest),
+                              "done": sum(r["done"] for r in rest)}]
+        for row in shown:
             share = 100.0 * row["error"] / (row["error"] + row["done"])
             out.append('<tr><td>%s</td><td class="n">%s</td><td class="n">%s</td>'
                        '<td class="n">%.0f%%</td><td class="barcell">%s</td></tr>' % (

@@ -270,6 +270,8 @@ def test_report_numbers_shown_match_the_figures(couch, tdb, campaign, tmp_path):
     # The charts are there: one bar per run-time bin with tokens, lines for all/done/error.
     assert text.count('<polyline class="line') == 3
     assert text.count("<svg") == 4
+    # All charts drawn at the page's width (the browser scales them to fit).
+    assert re.findall(r'<svg [^>]*viewBox="0 0 (\d+) \d+"', text) == ["900"] * 4
     assert sum(1 for tag, a in page.attrs if tag == "rect" and a.get("class") == "done") >= \
         sum(1 for b in runs["histogram"] if b[2])
     # Every finished token is in one bar of the rate chart, every run time in one of the histogram.
