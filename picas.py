@@ -5873,9 +5873,10 @@ REPORT_TOP = 20
 #: The report's run-time quantiles come from a histogram whose bins are this
 #: ratio wide (1 %): memory does not grow with the pool, the error stays under 1 %.
 _RUNTIME_RATIO = 1.01
-#: The finished-over-time buckets start this wide (seconds) and double whenever
-#: there are more than _MAX_BUCKETS of them (a year's campaign: about 4.5 h).
-_BUCKET_SECONDS = 1
+#: The widths (seconds) of the finished-over-time buckets: 1 s at first, the next
+#: one whenever there are more than _MAX_BUCKETS of them (each width divides the
+#: next, so buckets merge exactly; a year's campaign ends with 6 h buckets).
+_BUCKET_SECONDS = (1, 2, 10, 60, 120, 600, 1800, 3600, 7200, 21600, 86400, 7 * 86400)
 _MAX_BUCKETS = 2000
 #: Characters of a failed token's last error message the report keeps.
 _MESSAGE_CHARS = 400
@@ -5915,7 +5916,7 @@ class _Figures(object):
     def __init__(self, top, now):
         self.top, self.now = top, now
         self.read = {"done": 0, "error": 0}
-        self.width, self.buckets = _BUCKET_SECONDS, {}       # bucket -> [done, error]
+        self.width, self.buckets = _BUCKET_SECONDS[0], {}    # bucket -> [done, error]
         self.first_lock = self.first_done = self.last_done = None
         self.last_hour = 0
         self.runtime_bins, self.runtime_zero = {}, 0         # log bin -> count
@@ -5992,12 +5993,14 @@ class _Figures(object):
 
     def _widen(self):
         while len(self.buckets) > _MAX_BUCKETS:
+            wider = [w for w in _BUCKET_SECONDS if w > self.width]
+            wider = wider[0] if wider else self.width * 2
             merged = {}
             for key, (done, error) in self.buckets.items():
-                slot = merged.setdefault(key // 2, [0, 0])
+                slot = merged.setdefault(key * self.width // wider, [0, 0])
                 slot[0] += done
                 slot[1] += error
-            self.width *= 2
+            self.width = wider
             self.buckets = merged
 
     def quantile(self, q):

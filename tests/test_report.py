@@ -429,6 +429,7 @@ def test_figures_memory_stays_bounded_for_a_long_campaign():
         figures.add({"_id": "t%d" % i, "lock": done - s, "done": done, "exit_code": 0,
                      "hostname": "n%d" % (i % 50), "run_seconds": s}, "done")
     assert len(figures.buckets) <= picas._MAX_BUCKETS and len(figures.runtime_bins) < 2000
+    assert figures.width == 6 * 3600                         # a year in 6 h buckets
     assert len(figures.slowest) == 10
     result = figures.result()
     assert sum(b[1] for b in result["finished"]["buckets"]) == 20000
