@@ -5880,6 +5880,9 @@ _BUCKET_SECONDS = (1, 2, 10, 60, 120, 600, 1800, 3600, 7200, 21600, 86400, 7 * 8
 _MAX_BUCKETS = 2000
 #: Characters of a failed token's last error message the report keeps.
 _MESSAGE_CHARS = 400
+#: Distinct host names and exit codes the report counts one by one; any more
+#: (a pool where every token names another host) are counted together.
+_MAX_DISTINCT = 10000
 
 
 def _number_or_none(value):
@@ -5946,6 +5949,8 @@ class _Figures(object):
                 self._widen()
         host = doc.get("hostname")
         host = host if isinstance(host, str) and host else "(unknown)"
+        if host not in self.hosts and len(self.hosts) >= _MAX_DISTINCT:
+            host = "(other hosts)"
         counts = self.hosts.setdefault(host, [0, 0])
         counts[state == "error"] += 1
         for field, key in (("scrub_count", "scrubbed"), ("timeouts", "timed_out"),
@@ -5979,6 +5984,8 @@ class _Figures(object):
         else:
             code = _parse_int(doc.get("exit_code"))
             key = "none" if code is None else str(code)
+            if key not in self.codes and len(self.codes) >= _MAX_DISTINCT:
+                key = "other"
             self.codes[key] = self.codes.get(key, 0) + 1
             message = _last_error(doc)
             if len(message) > _MESSAGE_CHARS:

@@ -443,6 +443,13 @@ def test_figures_memory_stays_bounded_for_a_long_campaign():
                                     counts={"todo": 0, "locked": 0, "done": 20000, "error": 0},
                                     total=20000, fauxton="http://h:5984/_utils/#database/x/"))
     assert Page(page).ids["count-done"] == "20,000"
+    # A pool where every token names another host is counted in bounded memory too.
+    monkey = picas._Figures(top=3, now=start)
+    for i in range(picas._MAX_DISTINCT + 500):
+        monkey.add({"_id": "e%d" % i, "lock": start, "done": start + 1, "exit_code": i + 1,
+                    "hostname": "host-%d" % i}, "error")
+    assert len(monkey.hosts) == len(monkey.codes) == picas._MAX_DISTINCT + 1
+    assert monkey.hosts["(other hosts)"] == [0, 500] and monkey.codes["other"] == 500
 
 
 # -- rendered in a real browser ------------------------------------------------------
