@@ -497,3 +497,12 @@ def test_report_renders_in_headless_chromium(couch, tdb, campaign, tmp_path):
     assert os.path.getsize(str(shot)) > 20000              # a blank page compresses to ~10 KB
     # Many distinct colours (text, green and red bars), not one flat page.
     assert len(set(raw[i:i + 3] for i in range(0, len(raw) - 3, 997))) > 50
+
+
+def test_report_is_documented():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "README.md")) as fh:
+        readme = fh.read()
+    assert "picas.py report --html report.html" in readme and "`tests/test_report.py`" in readme
+    assert "only where `chromium` is on PATH" in readme
+    assert "report --html report.html" in picas._EPILOG
