@@ -83,9 +83,9 @@ random = _LazyModule("random", "random")
 _urlparse = _LazyModule("urllib.parse", "_urlparse")
 
 
-def quote(text, safe="/"):
+def quote(text, safe="/", errors=None):
     """Percent-encode ``text`` for a URL path (urllib.parse.quote)."""
-    return _urlparse.quote(text, safe=safe)
+    return _urlparse.quote(text, safe=safe, errors=errors)
 
 
 def unquote(text):
@@ -5647,6 +5647,7 @@ examples:
   python picas.py reset locked --stale           free tokens of dead pilots
   python picas.py reset error --yes              retry failed tokens
   python picas.py replay picas-journal           save results a killed pilot left
+  python picas.py report --html report.html      a campaign report to open in a browser
 
 exit status: 0 done, 1 error, 2 bad usage or settings, 3 no work found
 (run, has-work), 4 this host looks broken: its tasks failed fast in a row (run),
@@ -5929,6 +5930,14 @@ def _build_parser():
                            metavar="N", help="with --stale: a token whose pilot died N times "
                            "goes to error as poison (default: %(default)s; 0: never)")
         p.set_defaults(func=cmd_reset if name == "reset" else cmd_delete)
+
+    p = sub.add_parser("report", help="write a campaign report: one self-contained HTML page")
+    p.add_argument("--html", metavar="FILE",
+                   help="write the page to FILE (- for standard output); it opens from disk")
+    p.add_argument("--json", action="store_true", help="print the report's figures as JSON")
+    p.add_argument("--top", type=_number(int, 1), default=REPORT_TOP, metavar="N",
+                   help="list the N slowest and N latest failed tokens (default: %(default)s)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -6786,6 +6795,792 @@ def cmd_delete(args, db):
     changed, conflicts = bulk_apply(db, docs, _tombstone)
     print("deleted %d tokens%s" % (changed, ", %d changed meanwhile and were left alone"
                                    % conflicts if conflicts else ""))
+    return EXIT_OK
+
+
+# The campaign report ##########################################################
+
+#: Tokens listed in the report's tables of slowest and failed tokens (``report --top``).
+REPORT_TOP = 20
+#: The report's run-time quantiles come from a histogram whose bins are this
+#: ratio wide (1 %): memory does not grow with the pool, the error stays under 1 %.
+_RUNTIME_RATIO = 1.01
+#: The widths (seconds) of the finished-over-time buckets: 1 s at first, the next
+#: one whenever there are more than _MAX_BUCKETS of them (each width divides the
+#: next, so buckets merge exactly; a year's campaign ends with 6 h buckets).
+_BUCKET_SECONDS = (1, 2, 10, 60, 120, 600, 1800, 3600, 7200, 21600, 86400, 7 * 86400)
+_MAX_BUCKETS = 2000
+#: Characters of a failed token's last error message the report keeps.
+_MESSAGE_CHARS = 400
+#: Distinct host names and exit codes the report counts one by one; any more
+#: (a pool where every token names another host) are counted together.
+_MAX_DISTINCT = 10000
+
+
+def _number_or_none(value):
+    """A finite number (not a bool) as a float, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _last_error(doc):
+    """The last error message of a token, or what its exit code says."""
+    errors = doc.get("error")
+    if isinstance(errors, list) and errors:
+        entry = errors[-1]
+        message = entry.get("message") if isinstance(entry, dict) else entry
+        if message not in (None, ""):
+            return message if isinstance(message, str) else json.dumps(message)
+    elif isinstance(errors, str) and errors:
+        return errors
+    if doc.get("poison"):
+        return "poison: %s" % doc["poison"]
+    return "exit code %s" % doc.get("exit_code")
+
+
+class _Figures(object):
+    """Collects a report's figures one token at a time; memory stays bounded.
+
+    Kept are counters, a histogram of run times (bins _RUNTIME_RATIO wide),
+    finished tokens per time bucket (widening as needed), and the ``top``
+    slowest and latest failed tokens: never the documents themselves.
+    """
+
+    def __init__(self, top, now):
+        self.top, self.now = top, now
+        self.read = {"done": 0, "error": 0}
+        self.width, self.buckets = _BUCKET_SECONDS[0], {}    # bucket -> [done, error]
+        self.first_lock = self.first_done = self.last_done = None
+        self.last_hour = 0
+        self.runtime_bins, self.runtime_zero = {}, 0         # log bin -> count
+        self.runtime_count, self.runtime_sum = 0, 0.0
+        self.runtime_min = self.runtime_max = None
+        self.hosts, self.codes = {}, {}
+        self.slowest, self.failed = [], []                   # heaps
+        self.other = {"scrubbed": 0, "poison": 0, "timed_out": 0, "retried": 0,
+                      "without_run_seconds": 0}
+
+    def add(self, doc, state):
+        import heapq
+        import math
+        self.read[state] += 1
+        done = _number_or_none(_js_number(doc.get("done")))
+        lock = _number_or_none(_js_number(doc.get("lock")))
+        if lock and (self.first_lock is None or lock < self.first_lock):
+            self.first_lock = lock
+        if done:
+            self.first_done = done if self.first_done is None else min(self.first_done, done)
+            self.last_done = done if self.last_done is None else max(self.last_done, done)
+            if done > self.now - 3600:
+                self.last_hour += 1
+            slot = self.buckets.setdefault(int(done // self.width), [0, 0])
+            slot[state == "error"] += 1
+            if len(self.buckets) > _MAX_BUCKETS:
+                self._widen()
+        host = doc.get("hostname")
+        host = host if isinstance(host, str) and host else "(unknown)"
+        if host not in self.hosts and len(self.hosts) >= _MAX_DISTINCT:
+            host = "(other hosts)"
+        counts = self.hosts.setdefault(host, [0, 0])
+        counts[state == "error"] += 1
+        for field, key in (("scrub_count", "scrubbed"), ("timeouts", "timed_out"),
+                           ("retries", "retried")):
+            if (_number_or_none(doc.get(field)) or 0) > 0:
+                self.other[key] += 1
+        if doc.get("poison"):
+            self.other["poison"] += 1
+        seconds = _number_or_none(doc.get("run_seconds"))
+        tid = doc.get("_id", "")
+        if state == "done":
+            if seconds is None or not 0 <= seconds < 1e12:
+                self.other["without_run_seconds"] += 1
+            else:
+                self.runtime_count += 1
+                self.runtime_sum += seconds
+                self.runtime_min = seconds if self.runtime_min is None else \
+                    min(self.runtime_min, seconds)
+                self.runtime_max = seconds if self.runtime_max is None else \
+                    max(self.runtime_max, seconds)
+                if seconds > 0:
+                    b = int(math.floor(math.log(seconds) / math.log(_RUNTIME_RATIO)))
+                    self.runtime_bins[b] = self.runtime_bins.get(b, 0) + 1
+                else:
+                    self.runtime_zero += 1
+                item = (seconds, tid, host, done)
+                if len(self.slowest) < self.top:
+                    heapq.heappush(self.slowest, item)
+                elif item > self.slowest[0]:
+                    heapq.heapreplace(self.slowest, item)
+        else:
+            code = _parse_int(doc.get("exit_code"))
+            key = "none" if code is None else str(code)
+            if key not in self.codes and len(self.codes) >= _MAX_DISTINCT:
+                key = "other"
+            self.codes[key] = self.codes.get(key, 0) + 1
+            message = _last_error(doc)
+            if len(message) > _MESSAGE_CHARS:
+                message = message[:_MESSAGE_CHARS] + "..."
+            errors = doc.get("error")
+            item = (done or 0, tid, host, key, message,
+                    len(errors) if isinstance(errors, list) else 0, seconds)
+            if len(self.failed) < self.top:
+                heapq.heappush(self.failed, item)
+            elif item[:2] > self.failed[0][:2]:
+                heapq.heapreplace(self.failed, item)
+
+    def _widen(self):
+        while len(self.buckets) > _MAX_BUCKETS:
+            wider = [w for w in _BUCKET_SECONDS if w > self.width]
+            wider = wider[0] if wider else self.width * 2
+            merged = {}
+            for key, (done, error) in self.buckets.items():
+                slot = merged.setdefault(key * self.width // wider, [0, 0])
+                slot[0] += done
+                slot[1] += error
+            self.width = wider
+            self.buckets = merged
+
+    def quantile(self, q):
+        """The nearest-rank ``q`` quantile of the done run times (within 1 %), or None."""
+        if not self.runtime_count:
+            return None
+        rank = max(1, int(-(-q * self.runtime_count // 1)))   # ceil(q * n)
+        if rank <= self.runtime_zero:
+            return 0.0
+        seen = self.runtime_zero
+        for b in sorted(self.runtime_bins):
+            seen += self.runtime_bins[b]
+            if seen >= rank:
+                value = _RUNTIME_RATIO ** (b + 0.5)
+                return min(max(value, self.runtime_min), self.runtime_max)
+        return self.runtime_max
+
+    def histogram(self, bins=20):
+        """``[[low, high, count], ...]`` over the done run times: linear bins, or
+        logarithmic ones when the run times span more than a factor 50."""
+        if not self.runtime_count:
+            return []
+        import math
+        lo, hi = self.runtime_min, self.runtime_max
+        logarithmic = lo > 0 and hi / lo > 50
+        if logarithmic:
+            edges = [lo * (hi / lo) ** (i / float(bins)) for i in range(bins + 1)]
+        else:
+            step = _nice_step((hi - lo) / float(bins)) if hi > lo else 1.0
+            start = math.floor(lo / step) * step
+            count = max(1, int(math.ceil((hi - start) / step + 1e-9)))
+            if start + count * step <= hi:
+                count += 1
+            edges = [start + i * step for i in range(count + 1)]
+        counts = [0] * (len(edges) - 1)
+
+        def place(value, n):
+            i = 0
+            if logarithmic:
+                i = int(math.log(value / lo) / math.log(hi / lo) * bins) if value > lo else 0
+            elif edges[-1] > edges[0]:
+                i = int((value - edges[0]) / (edges[1] - edges[0]))
+            counts[min(max(i, 0), len(counts) - 1)] += n
+        if self.runtime_zero:
+            place(0.0, self.runtime_zero)
+        for b, n in self.runtime_bins.items():
+            place(min(max(_RUNTIME_RATIO ** (b + 0.5), lo), hi), n)
+        return [[edges[i], edges[i + 1], counts[i]] for i in range(len(counts))]
+
+    def result(self):
+        finished = self.read["done"] + self.read["error"]
+        span = (self.last_done - (self.first_lock or self.first_done)) \
+            if self.last_done is not None else 0
+        n = self.runtime_count
+        return {
+            "finished": {
+                "tokens": finished, "first_lock": self.first_lock,
+                "first_done": self.first_done, "last_done": self.last_done,
+                "bucket_seconds": self.width,
+                "buckets": [[key * self.width] + self.buckets[key]
+                            for key in sorted(self.buckets)]},
+            "rate": {"overall_per_hour": 3600.0 * finished / span if span > 0 else None,
+                     "last_hour": self.last_hour},
+            "run_seconds": {
+                "count": n, "min": self.runtime_min, "max": self.runtime_max,
+                "mean": self.runtime_sum / n if n else None,
+                "median": self.quantile(0.5), "p90": self.quantile(0.9),
+                "histogram": self.histogram(),
+                "without_run_seconds": self.other["without_run_seconds"]},
+            "hosts": sorted(({"host": h, "done": c[0], "error": c[1]}
+                             for h, c in self.hosts.items()),
+                            key=lambda r: (-r["error"], -r["done"], r["host"])),
+            "exit_codes": sorted(({"exit_code": c, "tokens": n} for c, n in self.codes.items()),
+                                 key=lambda r: (-r["tokens"], r["exit_code"])),
+            "slowest": [{"id": tid, "run_seconds": s, "hostname": host, "done": done}
+                        for s, tid, host, done in sorted(
+                            self.slowest, key=lambda i: (-i[0], i[1]))],
+            "failed": [{"id": tid, "done": done or None, "hostname": host, "exit_code": code,
+                        "message": message, "errors": count, "run_seconds": seconds}
+                       for done, tid, host, code, message, count, seconds in sorted(
+                           self.failed, key=lambda i: (-i[0], i[1]))],
+            "tokens_with": dict((k, v) for k, v in self.other.items()
+                                if k != "without_run_seconds"),
+        }
+
+
+def campaign_figures(db, design_doc="Monitor", top=REPORT_TOP, now=None, batch=500,
+                     counts=None):
+    """Gather the figures of a campaign report from ``db``: a JSON-able dict.
+
+    Counts per state come from ``overview_total``; the done and error
+    tokens are read page by page from the ``done`` and ``error`` views, and
+    only what the report shows is kept (see :class:`_Figures`), so any pool
+    size fits in memory (``batch`` tokens per request). ``now`` (unix time)
+    is the report's time; ``counts`` the :func:`count_states` already read.
+    """
+    now = time.time() if now is None else now
+    counts = count_states(db, design_doc) if counts is None else counts
+    figures = _Figures(top, now)
+    for state in ("done", "error"):
+        for row in db.iterview("%s/%s" % (design_doc, state), batch=batch, include_docs=True):
+            doc = row.get("doc")
+            if isinstance(doc, dict) and not doc.get("_id", "").startswith("_design/"):
+                figures.add(doc, state)
+    result = figures.result()
+    result.update({
+        "database": db.name, "server": redact_url(db.server.url), "design_doc": design_doc,
+        "generated": now, "counts": counts, "total": sum(counts.values()), "top": top,
+        # Fauxton's page of a document is this plus the quoted id.
+        "fauxton": "%s/_utils/#database/%s/" % (redact_url(db.server.url).rstrip("/"),
+                                                quote(db.name, safe="")),
+    })
+    return result
+
+
+# -- rendering ------------------------------------------------------------------
+
+def _nice_step(raw):
+    """The smallest 1, 2, 2.5 or 5 times a power of ten that is at least ``raw``."""
+    import math
+    if raw <= 0:
+        return 1.0
+    power = 10 ** math.floor(math.log10(raw))
+    for factor in (1, 2, 2.5, 5, 10):
+        if factor * power >= raw * (1 - 1e-9):
+            return factor * power
+    return 10 * power
+
+
+def _ticks(lo, hi, count=5, integer=False):
+    """Round tick values from at most ``lo`` to at least ``hi`` (whole numbers if ``integer``)."""
+    import math
+    step = _nice_step((hi - lo) / float(count)) if hi > lo else 1.0
+    if integer:
+        step = max(1, int(math.ceil(step)))
+    first = math.floor(lo / step) * step
+    ticks = [round(first, 10)]
+    while len(ticks) < 2 or ticks[-1] < hi - step * 1e-9:
+        ticks.append(round(first + len(ticks) * step, 10))
+    return ticks
+
+
+def _utc(seconds, form="%Y-%m-%d %H:%M:%S UTC"):
+    return time.strftime(form, time.gmtime(seconds)) if seconds else "-"
+
+
+def _seconds_text(seconds):
+    """A run time for people: 0.25 s, 42.0 s, 12 min, 3.4 h."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return "%d ms" % round(seconds * 1000)
+    if seconds < 10:
+        return "%.2f s" % seconds
+    if seconds < 120:
+        return "%.1f s" % seconds
+    return _duration(seconds)
+
+
+def _count_text(value):
+    if value is None:
+        return "-"
+    if abs(value - round(value)) < 1e-9:
+        return "{:,}".format(int(round(value)))
+    return "%.1f" % value if abs(value) >= 10 else "%.2f" % value
+
+
+def _svg_frame(width, height, label):
+    return ['<svg role="img" viewBox="0 0 %d %d" aria-label="%s">' % (width, height,
+                                                                        _esc(label))]
+
+
+def _esc(text):
+    """``text`` for HTML: escaped, and a lone surrogate (which a lenient server may have
+    stored; UTF-8 cannot hold it) shown as U+FFFD."""
+    import html
+    text = str(text)
+    if any("\ud800" <= char <= "\udfff" for char in text):
+        text = "".join("\ufffd" if "\ud800" <= char <= "\udfff" else char for char in text)
+    return html.escape(text, quote=True)
+
+
+def _svg_axes(out, box, xticks, yticks, xlabel, ylabel):
+    """Axes, grid lines and labels. ``box`` = (left, top, right, bottom) in pixels;
+    ticks are (position, label) pairs, positions in pixels."""
+    left, top, right, bottom = box
+    for y, text in yticks:
+        out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" class="grid"/>'
+                   % (left, y, right, y))
+        out.append('<text x="%d" y="%.1f" class="tick" text-anchor="end">%s</text>'
+                   % (left - 6, y + 4, _esc(text)))
+    for x, text in xticks:
+        out.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" class="axis"/>'
+                   % (x, bottom, x, bottom + 4))
+        out.append('<text x="%.1f" y="%d" class="tick" text-anchor="middle">%s</text>'
+                   % (x, bottom + 18, _esc(text)))
+    out.append('<line x1="%d" y1="%d" x2="%d" y2="%d" class="axis"/>'
+               % (left, bottom, right, bottom))
+    out.append('<line x1="%d" y1="%d" x2="%d" y2="%d" class="axis"/>' % (left, top, left, bottom))
+    out.append('<text x="%.1f" y="%d" class="label" text-anchor="middle">%s</text>'
+               % ((left + right) / 2.0, bottom + 36, _esc(xlabel)))
+    out.append('<text x="14" y="%.1f" class="label" text-anchor="middle" '
+               'transform="rotate(-90 14 %.1f)">%s</text>'
+               % ((top + bottom) / 2.0, (top + bottom) / 2.0, _esc(ylabel)))
+
+
+_TIME_STEPS = (1, 5, 10, 15, 30, 60, 300, 600, 1800, 3600, 7200, 3 * 3600, 6 * 3600, 12 * 3600, 86400,
+               2 * 86400, 7 * 86400, 14 * 86400, 30 * 86400, 91 * 86400, 365 * 86400)
+
+
+def _time_ticks(lo, hi, to_x, most=8):
+    """(x, label) ticks at round UTC times between ``lo`` and ``hi``."""
+    step = next((s for s in _TIME_STEPS if (hi - lo) / s <= most), _TIME_STEPS[-1])
+    form = "%H:%M:%S" if step < 60 else "%H:%M" if step < 86400 and hi - lo < 86400 else \
+        "%m-%d %H:%M" if step < 86400 else "%Y-%m-%d"
+    first = (int(lo) // step + 1) * step
+    ticks = [(to_x(t), time.strftime(form, time.gmtime(t))) for t in range(first, int(hi) + 1, step)]
+    # A label at the very end would stick out of the chart.
+    return [tick for tick in ticks if tick[0] < to_x(hi) - 25] or ticks[:1]
+
+
+def _svg_finished(figures, width=900, height=300):
+    """Cumulative done and error tokens over time (step lines)."""
+    fin = figures["finished"]
+    buckets = fin["buckets"]
+    if not buckets:
+        return '<p class="empty">No token has finished yet.</p>'
+    start = min(fin["first_lock"] or buckets[0][0], buckets[0][0])
+    end = max(fin["last_done"], buckets[-1][0] + fin["bucket_seconds"])
+    end = end if end > start else start + 60
+    ymax = max(1, sum(b[1] + b[2] for b in buckets))
+    yt = _ticks(0, ymax, integer=True)
+    box = (70, 16, width - 20, height - 50)
+    left, top, right, bottom = box
+
+    def x(t):
+        return left + (right - left) * (t - start) / float(end - start)
+
+    def y(v):
+        return bottom - (bottom - top) * v / float(yt[-1])
+    out = _svg_frame(width, height, "tokens finished over time")
+    _svg_axes(out, box, _time_ticks(start, end, x), [(y(v), _count_text(v)) for v in yt],
+              "time (UTC)", "tokens finished")
+    labels = []
+    for index, name in ((None, "all"), (1, "done"), (2, "error")):
+        total, points = 0, ["%.1f,%.1f" % (x(start), y(0))]
+        for bucket in buckets:
+            t = min(bucket[0] + fin["bucket_seconds"], end)
+            points.append("%.1f,%.1f" % (x(t), y(total)))
+            total += bucket[1] + bucket[2] if index is None else bucket[index]
+            points.append("%.1f,%.1f" % (x(t), y(total)))
+        points.append("%.1f,%.1f" % (right, y(total)))
+        out.append('<polyline class="line %s" points="%s"/>' % (name, " ".join(points)))
+        labels.append([y(total) - 5, name, total])
+    labels.sort()
+    for above, below in zip(labels, labels[1:]):        # 13 px apart at least
+        below[0] = max(below[0], above[0] + 13)
+    for at, name, total in labels:
+        out.append('<text x="%d" y="%.1f" class="end %s" text-anchor="end">%s %s</text>'
+                   % (right - 8, at, name, name, _count_text(total)))
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _svg_rate(figures, width=900, height=220, bars=40):
+    """Tokens finished per hour, in up to ``bars`` intervals over the campaign."""
+    fin = figures["finished"]
+    buckets = fin["buckets"]
+    if not buckets:
+        return ""
+    bucket = fin["bucket_seconds"]
+    start = min(fin["first_lock"] or buckets[0][0], buckets[0][0]) // bucket * bucket
+    end = buckets[-1][0] + bucket
+    # A round interval, and a whole number of buckets: no bar gets one more than its neighbours.
+    target = max(bucket, (end - start) / float(bars))
+    slot = next((s for s in _TIME_STEPS if s >= target), target)
+    slot = float(-(-slot // bucket) * bucket)
+    count = max(1, int(-(-(end - start) // slot)))
+    done, error = [0] * count, [0] * count
+    for row in buckets:
+        i = min(count - 1, int((row[0] - start) // slot))
+        done[i] += row[1]
+        error[i] += row[2]
+    per_hour = 3600.0 / slot
+    ymax = max(1e-9, max(d + e for d, e in zip(done, error)) * per_hour)
+    yt = _ticks(0, ymax)
+    box = (70, 16, width - 20, height - 50)
+    left, top, right, bottom = box
+    span = count * slot
+
+    def x(t):
+        return left + (right - left) * (t - start) / span
+
+    def y(v):
+        return bottom - (bottom - top) * v / float(yt[-1])
+    out = _svg_frame(width, height, "tokens finished per hour")
+    _svg_axes(out, box, _time_ticks(start, start + span, x),
+              [(y(v), _count_text(v)) for v in yt], "time (UTC)",
+              "tokens/h (per %s)" % _duration(slot))
+    bar = (right - left) / float(count)
+    for i in range(count):
+        base = 0.0
+        for values, name in ((done, "done"), (error, "error")):
+            if values[i]:
+                rate = values[i] * per_hour
+                out.append('<rect class="%s" x="%.1f" y="%.1f" width="%.1f" height="%.1f">'
+                           '<title>%s: %d %s, %s tokens/h</title></rect>'
+                           % (name, left + i * bar + 1, y(base + rate), max(bar - 2, 1),
+                              y(base) - y(base + rate), _esc(_utc(start + i * slot)),
+                              values[i], name, _count_text(rate)))
+                base += rate
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _svg_runtimes(figures, width=900, height=280):
+    """The histogram of done tokens' run times, with median and p90 marked."""
+    runs = figures["run_seconds"]
+    hist = runs["histogram"]
+    if not hist:
+        return '<p class="empty">No done token has a run time (run_seconds) yet.</p>'
+    import math
+    logarithmic = len(hist) > 1 and hist[0][0] > 0 and \
+        abs((hist[1][1] - hist[1][0]) - (hist[0][1] - hist[0][0])) > 1e-9 * hist[-1][1]
+    lo, hi = hist[0][0], hist[-1][1]
+    hi = hi if hi > lo else lo + 1
+    yt = _ticks(0, max(1, max(b[2] for b in hist)), integer=True)
+    box = (70, 40, width - 20, height - 50)
+    left, top, right, bottom = box
+
+    def x(v):
+        if logarithmic:
+            return left + (right - left) * math.log(max(v, lo) / lo) / math.log(hi / lo)
+        return left + (right - left) * (v - lo) / float(hi - lo)
+
+    def y(v):
+        return bottom - (bottom - top) * v / float(yt[-1])
+    every = max(1, int(math.ceil(len(hist) / 10.0)))
+    xt = [(x(b[0]), _seconds_text(b[0])) for b in hist[::every]] + [(x(hi), _seconds_text(hi))]
+    out = _svg_frame(width, height, "distribution of run times")
+    _svg_axes(out, box, xt, [(y(v), _count_text(v)) for v in yt],
+              "run time%s" % (" (logarithmic)" if logarithmic else ""), "done tokens")
+    for low, high, n in hist:
+        if n:
+            out.append('<rect class="done" x="%.1f" y="%.1f" width="%.1f" height="%.1f">'
+                       '<title>%s to %s: %d tokens</title></rect>'
+                       % (x(low) + 1, y(n), max(x(high) - x(low) - 2, 1), bottom - y(n),
+                          _esc(_seconds_text(low)), _esc(_seconds_text(high)), n))
+    for name, value, above in (("median", runs["median"], 36), ("p90", runs["p90"], 20)):
+        if value is not None:
+            at = x(value)
+            anchor = "end" if at > right - 80 else "start" if at < left + 80 else "middle"
+            out.append('<line class="marker %s" x1="%.1f" y1="%d" x2="%.1f" y2="%d"/>'
+                       % (name, at, top, at, bottom))
+            out.append('<text class="marker %s" x="%.1f" y="%d" text-anchor="%s">%s %s</text>'
+                       % (name, at, top - above + 14, anchor, name,
+                          _esc(_seconds_text(value))))
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _svg_states(counts, width=900, height=34):
+    """One bar split by state."""
+    total = sum(counts.values())
+    if not total:
+        return '<p class="empty">The database holds no tokens.</p>'
+    out = _svg_frame(width, height, "tokens per state")
+    at = 0.0
+    for state in ("done", "error", "locked", "todo"):
+        share = counts[state] / float(total)
+        if share:
+            out.append('<rect class="%s" x="%.1f" y="2" width="%.1f" height="%d">'
+                       '<title>%s: %d</title></rect>'
+                       % (state, at * width, share * width, height - 4, state, counts[state]))
+        at += share
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _bar(value, most, state):
+    if not value:
+        return ""
+    width = 100.0 * value / most if most else 0
+    return '<div class="bar %s" style="width:%.1f%%"></div>' % (state, width)
+
+
+def _token_link(figures, tid):
+    """The id, linked to its Fauxton page, with an anchor of its own."""
+    quoted = quote(tid, safe="", errors="surrogatepass")
+    return '<a id="token-%s" href="%s">%s</a>' % (
+        _esc(quoted), _esc(figures["fauxton"] + quoted), _esc(tid))
+
+
+_REPORT_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
+       margin: 0; background: #f4f5f7; }
+main { max-width: 960px; margin: 0 auto; padding: 20px 24px 40px; }
+h1 { font-size: 24px; margin: 8px 0 2px; } h2 { font-size: 18px; margin: 0 0 10px; }
+.meta { color: #666; margin-bottom: 16px; }
+section { background: #fff; border-radius: 8px; padding: 16px 18px; margin: 14px 0;
+          box-shadow: 0 1px 3px rgba(0,0,0,.12); }
+.cards { display: flex; flex-wrap: wrap; gap: 10px; margin-bottom: 12px; }
+.card { flex: 1 1 120px; background: #f7f8fa; border-radius: 6px; padding: 8px 12px;
+        border-left: 5px solid #999; }
+.card b { display: block; font-size: 22px; } .card span { color: #555; }
+.card.todo { border-color: #90a4ae; } .card.locked { border-color: #f9a825; }
+.card.done { border-color: #2e7d32; } .card.error { border-color: #c62828; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #e4e6ea;
+         vertical-align: top; }
+th { color: #555; font-weight: 600; } td.n, th.n { text-align: right; white-space: nowrap; }
+td.barcell { width: 35%; } .bar { height: 12px; border-radius: 2px; min-width: 1px; }
+.bar.error, rect.error { background: #c62828; fill: #c62828; }
+.bar.done, rect.done { background: #2e7d32; fill: #2e7d32; }
+rect.locked { fill: #f9a825; } rect.todo { fill: #b0bec5; }
+td.msg { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px;
+         white-space: pre-wrap; word-break: break-word; max-width: 420px; }
+td.id { word-break: break-all; } td.t { white-space: nowrap; } a { color: #1565c0; }
+svg { width: 100%; height: auto; display: block; margin: 6px 0; }
+svg .grid { stroke: #e8e8e8; } svg .axis { stroke: #777; }
+svg text { font: 11px system-ui, sans-serif; fill: #444; }
+svg .label { font-size: 12px; fill: #333; }
+svg .line { fill: none; stroke-width: 2.2; } svg .line.all { stroke: #1565c0; }
+svg .line.done { stroke: #2e7d32; } svg .line.error { stroke: #c62828; }
+svg text.end { font-weight: 600; } svg text.all { fill: #1565c0; }
+svg text.done { fill: #2e7d32; } svg text.error { fill: #c62828; }
+svg line.marker { stroke: #6a1b9a; stroke-dasharray: 4 3; stroke-width: 1.8; }
+svg text.marker { fill: #6a1b9a; font-weight: 600; }
+svg line.p90 { stroke: #e65100; } svg text.p90 { fill: #e65100; }
+.empty { color: #777; font-style: italic; }
+.legend span { display: inline-block; margin-right: 14px; }
+.legend i { display: inline-block; width: 12px; height: 12px; border-radius: 2px;
+            margin-right: 4px; vertical-align: -1px; }
+footer { color: #888; font-size: 12px; text-align: center; }
+"""
+
+
+def render_report(figures):
+    """The campaign report of :func:`campaign_figures` as one self-contained HTML page.
+
+    Inline CSS and SVG only: no scripts, fonts or images from anywhere; links
+    go to the tokens' Fauxton pages on the server (its URL without any user
+    name or password). Every value from the database is escaped.
+    """
+    counts, total = figures["counts"], figures["total"]
+    runs, rate, fin = figures["run_seconds"], figures["rate"], figures["finished"]
+    finished = counts["done"] + counts["error"]
+    out = ['<!DOCTYPE html>', '<html lang="en">', '<head>', '<meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           '<title>PiCaS report: %s</title>' % _esc(figures["database"]),
+           '<style>%s</style>' % _REPORT_CSS, '</head>', '<body>', '<main>',
+           '<h1>PiCaS campaign report: <span id="database">%s</span></h1>'
+           % _esc(figures["database"]),
+           '<div class="meta">generated <span id="generated">%s</span> from %s, design '
+           'document %s</div>' % (_esc(_utc(figures["generated"])), _esc(figures["server"]),
+                                  _esc(figures["design_doc"]))]
+
+    # Tokens per state.
+    out.append('<section id="states"><h2>Tokens</h2><div class="cards">')
+    out.append('<div class="card"><b id="count-total">%s</b><span>tokens</span></div>'
+               % _count_text(total))
+    for state in STATES:
+        out.append('<div class="card %s"><b id="count-%s">%s</b><span>%s</span></div>'
+                   % (state, state, _count_text(counts[state]), state))
+    out.append('</div>')
+    out.append(_svg_states(counts))
+    if total:
+        out.append('<p>%s of %s finished (%.1f%%)%s.</p>' % (
+            _count_text(finished), _count_text(total), 100.0 * finished / total,
+            "; %s done, %s in error" % (_count_text(counts["done"]), _count_text(counts["error"]))
+            if finished else ""))
+    extras = figures["tokens_with"]
+    notes = ["%s %s" % (what, _count_text(extras[key])) for key, what in (
+        ("scrubbed", "retried after a failure (scrub_count > 0):"),
+        ("retried", "sent back with a retry exit code:"),
+        ("timed_out", "killed by max_token_time at least once:"),
+        ("poison", "poison (error for good):")) if extras.get(key)]
+    if notes:
+        out.append('<p>Finished tokens %s.</p>' % _esc("; ".join(notes)))
+    out.append('</section>')
+
+    # Finished over time, and the rate.
+    out.append('<section id="progress"><h2>Finished over time</h2>')
+    if fin["buckets"]:
+        out.append('<p class="legend"><span><i style="background:#1565c0"></i>all finished</span>'
+                   '<span><i style="background:#2e7d32"></i>done</span>'
+                   '<span><i style="background:#c62828"></i>error</span></p>')
+    out.append(_svg_finished(figures))
+    if fin["buckets"]:
+        left = counts["todo"] + counts["locked"]
+        overall = rate["overall_per_hour"]
+        eta = ""
+        if left and rate["last_hour"]:
+            eta = "; at the last hour's rate the %s left take about %s" % (
+                _count_text(left), _duration(3600.0 * left / rate["last_hour"]))
+        out.append('<p>Rate: <b id="rate-overall">%s</b> tokens/h overall (%s from the first '
+                   'claim, %s, to the last finish, %s); <b id="rate-recent">%s</b> finished '
+                   'in the hour before this report%s.</p>' % (
+                       _count_text(overall) if overall is not None else "-",
+                       _duration((fin["last_done"] - (fin["first_lock"] or fin["first_done"]))),
+                       _esc(_utc(fin["first_lock"] or fin["first_done"])),
+                       _esc(_utc(fin["last_done"])), _count_text(rate["last_hour"]), eta))
+        out.append(_svg_rate(figures))
+    out.append('</section>')
+
+    # Run times.
+    out.append('<section id="runtimes"><h2>Run times of done tokens</h2>')
+    if runs["count"]:
+        out.append('<p>%s done tokens with a run time: median <b id="run-median">%s</b>, '
+                   '90th percentile <b id="run-p90">%s</b>, mean %s, fastest %s, slowest '
+                   '<b id="run-max">%s</b>.%s</p>' % (
+                       _count_text(runs["count"]), _seconds_text(runs["median"]),
+                       _seconds_text(runs["p90"]), _seconds_text(runs["mean"]),
+                       _seconds_text(runs["min"]), _seconds_text(runs["max"]),
+                       " %s done tokens have no run_seconds." % _count_text(
+                           runs["without_run_seconds"]) if runs["without_run_seconds"] else ""))
+    out.append(_svg_runtimes(figures))
+    out.append('</section>')
+
+    # Failures per host and per exit code.
+    out.append('<section id="failures"><h2>Failures</h2>')
+    if not figures["hosts"]:
+        out.append('<p class="empty">No token has finished yet.</p>')
+    else:
+        out.append('<h3>Per host (the host of the last attempt)</h3>')
+        most = max(h["error"] for h in figures["hosts"]) or 1
+        out.append('<table id="hosts"><tr><th>host</th><th class="n">error</th>'
+                   '<th class="n">done</th><th class="n">failed</th><th>errors</th></tr>')
+        shown, rest = figures["hosts"][:figures["top"]], figures["hosts"][figures["top"]:]
+        if rest:
+            shown = shown + [{"host": "%d more hosts" % len(rest),
+                              "error": sum(r["error"] for r in rest),
+                              "done": sum(r["done"] for r in rest)}]
+        for row in shown:
+            share = 100.0 * row["error"] / (row["error"] + row["done"])
+            out.append('<tr><td>%s</td><td class="n">%s</td><td class="n">%s</td>'
+                       '<td class="n">%.0f%%</td><td class="barcell">%s</td></tr>' % (
+                           _esc(row["host"]), _count_text(row["error"]),
+                           _count_text(row["done"]), share, _bar(row["error"], most, "error")))
+        out.append('</table>')
+    if figures["exit_codes"]:
+        out.append('<h3>Per exit code</h3>')
+        most = max(c["tokens"] for c in figures["exit_codes"])
+        out.append('<table id="exit-codes"><tr><th>exit code</th><th class="n">tokens</th>'
+                   '<th></th></tr>')
+        for row in figures["exit_codes"]:
+            out.append('<tr><td>%s</td><td class="n">%s</td><td class="barcell">%s</td></tr>'
+                       % (_esc(row["exit_code"]), _count_text(row["tokens"]),
+                          _bar(row["tokens"], most, "error")))
+        out.append('</table>')
+    elif figures["hosts"]:
+        out.append('<p class="empty">No token is in error.</p>')
+    out.append('</section>')
+
+    # The slowest and the failed tokens.
+    out.append('<section id="slowest-tokens"><h2>%s</h2>' % (
+        "The %d slowest done tokens" % len(figures["slowest"]) if figures["slowest"]
+        else "The slowest done tokens"))
+    if figures["slowest"]:
+        out.append('<table id="slowest"><tr><th>#</th><th>token</th><th class="n">run time</th>'
+                   '<th>host</th><th>finished</th></tr>')
+        for rank, row in enumerate(figures["slowest"], 1):
+            out.append('<tr><td class="n">%d</td><td class="id">%s</td>'
+                       '<td class="n" data-seconds="%r">%s</td><td>%s</td><td class="t">%s</td>'
+                       '</tr>' % (
+                           rank, _token_link(figures, row["id"]), row["run_seconds"],
+                           _seconds_text(row["run_seconds"]), _esc(row["hostname"]),
+                           _esc(_utc(row["done"], "%Y-%m-%d %H:%M:%S"))))
+        out.append('</table>')
+    else:
+        out.append('<p class="empty">No done token has a run time yet.</p>')
+    out.append('</section>')
+    out.append('<section id="failed-tokens"><h2>%s</h2>' % (
+        "The %d latest failed tokens" % len(figures["failed"]) if figures["failed"]
+        else "The latest failed tokens"))
+    if figures["failed"]:
+        out.append('<table id="failed"><tr><th>token</th><th>finished</th><th>host</th>'
+                   '<th class="n">exit code</th><th>last error</th></tr>')
+        for row in figures["failed"]:
+            out.append('<tr><td class="id">%s</td><td class="t">%s</td><td>%s</td>'
+                       '<td class="n">%s</td><td class="msg">%s</td></tr>' % (
+                           _token_link(figures, row["id"]),
+                           _esc(_utc(row["done"], "%Y-%m-%d %H:%M:%S")), _esc(row["hostname"]),
+                           _esc(row["exit_code"]), _esc(row["message"])))
+        out.append('</table>')
+    else:
+        out.append('<p class="empty">No token is in error.</p>')
+    out.append('</section>')
+    out.append('<footer>picas.py %s report; times in UTC; token links open the server\'s '
+               'Fauxton (log in there).</footer>' % _esc(__version__))
+    out.extend(['</main>', '</body>', '</html>', ''])
+    return "\n".join(out)
+
+
+def _check_report_file(path):
+    """Refuse, before any work, a report file that cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError("--html %s is a folder: name a file, e.g. --html %s"
+                         % (path, os.path.join(path, "report.html")))
+    if not os.path.isdir(folder):
+        raise UsageError("--html %s: the folder %s does not exist; create it or name a file "
+                         "in an existing folder" % (path, folder))
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError("--html %s: no permission to write there; name a file in a folder "
+                         "you may write to" % path)
+
+
+def cmd_report(args, db):
+    """Write the campaign report (--html FILE, - for standard output) or print its figures (--json)."""
+    if not args.html and not args.json:
+        raise UsageError("report needs --html FILE (- for standard output) or --json, e.g. "
+                         "python picas.py report --html report.html")
+    if args.html == "-" and args.json:
+        raise UsageError("--html - and --json both want standard output: write the page to "
+                         "a file (--html report.html)")
+    if args.html and args.html != "-":
+        _check_report_file(args.html)
+    _require_db(db)
+    with _IndexWatch(db, args.design_doc):         # the first query builds the views' index
+        counts = count_states(db, args.design_doc)
+    if counts["done"] + counts["error"] > 5000:
+        log.info("reading the %d finished tokens of %s", counts["done"] + counts["error"],
+                 db.name)
+    figures = campaign_figures(db, args.design_doc, top=args.top, counts=counts)
+    if args.json:
+        print(json.dumps(figures, sort_keys=True, indent=1), flush=True)
+    if args.html:
+        page = render_report(figures)
+        if args.html == "-":
+            sys.stdout.write(page)
+            sys.stdout.flush()
+        else:
+            try:
+                with open(args.html, "w", encoding="utf-8") as fh:
+                    fh.write(page)
+            except OSError as exc:
+                raise UsageError("cannot write the report to %s: %s; name another file"
+                                 % (args.html, exc.strerror or exc))
+            log.info("report of %d tokens in %s written to %s (open it in a browser)",
+                     figures["total"], db.name, args.html)
     return EXIT_OK
 
 

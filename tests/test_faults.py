@@ -995,6 +995,9 @@ ROWS = [
      "test_bad_input_files_attach_cannot_attach"),
     ("An `--attach` pattern that leaves the working directory (`../x`, an absolute path)",
      "test_bad_input_attach_pattern_outside_the_working_directory"),
+    ("A `report` without `--html` or `--json`, or a report file that cannot be written (a "
+     "folder that does not exist, a folder in its place, no permission, a write that fails)",
+     "test_bad_input_report_usage"),
 ]
 
 
@@ -1013,10 +1016,11 @@ def test_bad_input_catalog_has_a_test_for_every_row():
     assert [row for row in required if row not in catalog_rows()] == []
     # Rows of the result path are proven in test_results, of walltime, black holes and
     # poison in test_pilot_health, of task outputs in test_outputs, of the inspection
-    # commands in test_inspect.
+    # commands in test_inspect, of the campaign report in test_report.
     import importlib
     modules = [importlib.import_module(name) for name in
-               ("test_results", "test_pilot_health", "test_outputs", "test_inspect")]
+               ("test_results", "test_pilot_health", "test_outputs", "test_inspect",
+                "test_report")]
     for _, name in ROWS:
         assert callable(globals().get(name) or next(
             (getattr(m, name) for m in modules if hasattr(m, name)), None)), name
