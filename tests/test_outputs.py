@@ -12,21 +12,9 @@ import signal
 import pytest
 
 import picas
-from helpers import ensure_views, make_tokens, wait_for
+from helpers import make_tokens, wait_for
 from test_faults import Pilot, assert_clear, run_cli, script, token_docs  # noqa: F401
-
-
-@pytest.fixture
-def tdb(db):
-    ensure_views(db)
-    return db
-
-
-@pytest.fixture(autouse=True)
-def _no_pilot_left():
-    yield
-    while Pilot.started:
-        Pilot.started.pop().kill()
+from test_pilot_health import _no_pilot_left, tdb  # noqa: F401  (fixtures)
 
 
 def names(doc):
