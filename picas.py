@@ -6883,8 +6883,13 @@ class _Figures(object):
         host = host if isinstance(host, str) and host else "(unknown)"
         if host not in self.hosts and len(self.hosts) >= _MAX_DISTINCT:
             host = "(other hosts)"
-        counts = self.hosts.setdefault(host, [0, 0])
+        counts = self.hosts.setdefault(host, [0, 0, 0])
         counts[state == "error"] += 1
+        for name in set(_failed_hosts(doc)):
+            # A host that gave this token back as a black hole before it ran elsewhere.
+            if name not in self.hosts and len(self.hosts) >= _MAX_DISTINCT:
+                name = "(other hosts)"
+            self.hosts.setdefault(name, [0, 0, 0])[2] += 1
         for field, key in (("scrub_count", "scrubbed"), ("timeouts", "timed_out"),
                            ("retries", "retried")):
             if (_number_or_none(doc.get(field)) or 0) > 0:
@@ -7009,10 +7014,12 @@ class _Figures(object):
                 "median": self.quantile(0.5), "p90": self.quantile(0.9),
                 "histogram": self.histogram(),
                 "without_run_seconds": self.other["without_run_seconds"]},
-            "hosts": sorted(({"host": h, "done": c[0], "error": c[1]}
+            "hosts": sorted(({"host": h, "done": c[0], "error": c[1], "black_hole": c[2]}
                              for h, c in self.hosts.items()),
-                            key=lambda r: (-r["error"], -r["done"], r["host"])),
-            "exit_codes": sorted(({"exit_code": c, "tokens": n} for c, n in self.codes.items()),
+                            key=lambda r: (-r["error"] - r["black_hole"], -r["done"],
+                                           r["host"])),
+            "exit_codes": sorted(({"exit_code": c, "tokens": n, "meaning": exit_meaning(c)}
+                                  for c, n in self.codes.items()),
                                  key=lambda r: (-r["tokens"], r["exit_code"])),
             "slowest": [{"id": tid, "run_seconds": s, "hostname": host, "done": done}
                         for s, tid, host, done in sorted(
@@ -7464,21 +7471,27 @@ def render_report(figures):
     if not figures["hosts"]:
         out.append('<p class="empty">No token has finished yet.</p>')
     else:
-        out.append('<h3>Per host (the host of the last attempt)</h3>')
+        out.append('<h3>Per host (the host of the last attempt; black hole: finished tokens '
+                   'that host gave back first, as its tasks failed fast in a row)</h3>')
         most = max(h["error"] for h in figures["hosts"]) or 1
         out.append('<table id="hosts"><tr><th>host</th><th class="n">error</th>'
-                   '<th class="n">done</th><th class="n">failed</th><th>errors</th></tr>')
+                   '<th class="n">done</th><th class="n">failed</th>'
+                   '<th class="n">black hole</th><th>errors</th></tr>')
         shown, rest = figures["hosts"][:figures["top"]], figures["hosts"][figures["top"]:]
         if rest:
             shown = shown + [{"host": "%d more hosts" % len(rest),
                               "error": sum(r["error"] for r in rest),
-                              "done": sum(r["done"] for r in rest)}]
+                              "done": sum(r["done"] for r in rest),
+                              "black_hole": sum(r["black_hole"] for r in rest)}]
         for row in shown:
-            share = 100.0 * row["error"] / (row["error"] + row["done"])
+            ran = row["error"] + row["done"]
+            share = "%.0f%%" % (100.0 * row["error"] / ran) if ran else "-"
             out.append('<tr><td>%s</td><td class="n">%s</td><td class="n">%s</td>'
-                       '<td class="n">%.0f%%</td><td class="barcell">%s</td></tr>' % (
-                           _esc(row["host"]), _count_text(row["error"]),
-                           _count_text(row["done"]), share, _bar(row["error"], most, "error")))
+                       '<td class="n">%s</td><td class="n">%s</td><td class="barcell">%s</td>'
+                       '</tr>' % (_esc(row["host"]), _count_text(row["error"]),
+                                  _count_text(row["done"]), share,
+                                  _count_text(row["black_hole"]),
+                                  _bar(row["error"], most, "error")))
         out.append('</table>')
     if figures["exit_codes"]:
         out.append('<h3>Per exit code</h3>')
@@ -7486,8 +7499,9 @@ def render_report(figures):
         out.append('<table id="exit-codes"><tr><th>exit code</th><th class="n">tokens</th>'
                    '<th></th></tr>')
         for row in figures["exit_codes"]:
-            out.append('<tr><td>%s</td><td class="n">%s</td><td class="barcell">%s</td></tr>'
-                       % (_esc(row["exit_code"]), _count_text(row["tokens"]),
+            out.append('<tr><td>%s%s</td><td class="n">%s</td><td class="barcell">%s</td></tr>'
+                       % (_esc(row["exit_code"]), " (%s)" % _esc(row["meaning"])
+                          if row.get("meaning") else "", _count_text(row["tokens"]),
                           _bar(row["tokens"], most, "error")))
         out.append('</table>')
     elif figures["hosts"]:

@@ -56,6 +56,8 @@ def build_campaign(couch, db, tmp_path, now):
         done = int(now - 3 * HOUR + i * 900)
         docs.append(token("done-%02d" % i, lock=done - 60, done=done, exit_code=0,
                           hostname="node-%s" % "abc"[i % 3], run_seconds=5.0 + 50 * i + i % 4))
+        if i < 2:          # given back by black holes before they ran well elsewhere
+            docs[-1]["failed_hosts"] = ["node-x", "node-a"][:i + 1]
     failures = [("err-1", "node-a", 1, "exit code 1: missing input file"),
                 ("err-2", "node-a", 1, "Traceback: ValueError"),
                 ("err-3", "node-b", 2, None),
@@ -187,16 +189,21 @@ def test_report_numbers_match_the_database(couch, tdb, campaign, tmp_path):
     hosts = {}
     for state in ("done", "error"):
         for doc in states[state]:
-            hosts.setdefault(doc["hostname"], [0, 0])[state == "error"] += 1
+            hosts.setdefault(doc["hostname"], [0, 0, 0])[state == "error"] += 1
+            for host in doc.get("failed_hosts", []):
+                hosts.setdefault(host, [0, 0, 0])[2] += 1
+    assert hosts["node-x"] == [0, 0, 2] and hosts["node-a"][2] == 1
     rows = body_rows(page, "hosts")
-    assert dict((r[0], [int(r[2]), int(r[1])]) for r in rows) == hosts
+    assert dict((r[0], [int(r[2]), int(r[1]), int(r[4])]) for r in rows) == hosts
     assert [r[0] for r in rows][:2] == ["node-a", "node-b"]          # most errors first
     codes = {}
     for doc in states["error"]:
         code = picas._parse_int(doc["exit_code"])
         codes["none" if code is None else str(code)] = \
             codes.get("none" if code is None else str(code), 0) + 1
-    assert dict((r[0], int(r[1])) for r in body_rows(page, "exit-codes")) == codes
+    shown = dict((r[0].split(" (")[0], int(r[1])) for r in body_rows(page, "exit-codes"))
+    assert shown == codes
+    assert "137 (killed by SIGKILL)" in [r[0] for r in body_rows(page, "exit-codes")]
     assert codes == {"1": 2, "2": 1, "137": 1, "139": 1, "none": 1}
     # The slowest done tokens, in order; the real pilot's run is among them.
     done = sorted(states["done"], key=lambda d: (-d["run_seconds"], d["_id"]))
@@ -449,7 +456,7 @@ def test_figures_memory_stays_bounded_for_a_long_campaign():
         monkey.add({"_id": "e%d" % i, "lock": start, "done": start + 1, "exit_code": i + 1,
                     "hostname": "host-%d" % i}, "error")
     assert len(monkey.hosts) == len(monkey.codes) == picas._MAX_DISTINCT + 1
-    assert monkey.hosts["(other hosts)"] == [0, 500] and monkey.codes["other"] == 500
+    assert monkey.hosts["(other hosts)"] == [0, 500, 0] and monkey.codes["other"] == 500
 
 
 # -- rendered in a real browser ------------------------------------------------------
