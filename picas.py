@@ -6376,7 +6376,7 @@ def cmd_show(args, db):
         beat = _js_number(doc.get("heartbeat"))
         out.append("  heartbeat    %s" % ("%s (%s ago; every %s s)" % (
             _when(beat), _duration(max(0, time.time() - beat)),
-            doc.get("heartbeat_interval", "?")) if beat else "none (an upstream pilot, or "
+            _shown(doc.get("heartbeat_interval", "?"))) if beat else "none (an upstream pilot, or "
             "heartbeats off): reset --stale --lease S decides by the lock time"))
         if is_stale(doc):
             out.append("               STALE: its pilot looks dead; `reset locked --stale` "
@@ -6386,7 +6386,8 @@ def cmd_show(args, db):
         meaning = exit_meaning(code)
         out.append("  finished     %s, exit code %s%s%s" % (
             _when(doc.get("done")), _shown(code), " (%s)" % meaning if meaning else "",
-            ", ran %s s" % doc["run_seconds"] if doc.get("run_seconds") is not None else ""))
+            ", ran %s s" % _shown(doc["run_seconds"]) if doc.get("run_seconds") is not None
+            else ""))
     counters = ["%s %s" % (f, _shown(doc[f])) for f in ("scrub_count", "retries", "timeouts",
                                                         "lost_pilots") if doc.get(f)]
     if counters:
@@ -6422,12 +6423,14 @@ def cmd_show(args, db):
     attachments = doc.get("_attachments") or {}
     out.append("  attachments  %d" % len(attachments))
     for name in sorted(attachments):
-        info = attachments[name]
-        out.append("    %-40s %9s bytes  %s" % (_shown(name), info.get("length", "?"),
-                                                 info.get("content_type", "")))
-    if doc.get("live_log"):
+        info = attachments[name] if isinstance(attachments[name], dict) else {}
+        out.append("    %-40s %9s bytes  %s" % (_shown(name), _shown(info.get("length", "?")),
+                                                 _shown(info.get("content_type", ""))))
+    live = doc.get("live_log")
+    if live:
         out.append("  live output  %s (python picas.py logs %s --follow)" % (
-            _when((doc["live_log"] or {}).get("time")), _shell_word(doc["_id"])))
+            _when(live.get("time") if isinstance(live, dict) else None),
+            _shell_word(doc["_id"])))
     print("\n".join(out))
     return EXIT_OK
 
@@ -6486,6 +6489,11 @@ def cmd_logs(args, db):
                     write("\n[... more output than one look holds was skipped ...]\n")
                 write(text)
                 shown = tail
+            elif args.follow and not waiting:
+                log.info("token %s is running on %s; its pilot has sent no live output yet "
+                         "(it comes with the heartbeat; older pilots send none)",
+                         _shown(doc["_id"]), _shown(doc.get("hostname") or "?"))
+                waiting = True
             elif not args.follow:
                 raise PicasError("token %s is running on %s, and its pilot sends no live "
                                  "output (an older picas.py, an upstream pilot, or heartbeats "
@@ -6527,9 +6535,21 @@ def cmd_logs(args, db):
 
 
 def _stdout_writer():
+    """Writes the live tail: UTF-8 whatever the locale (a lone surrogate as U+FFFD), and
+    on a terminal with control characters other than newline and tab escaped (the
+    tail is a token field anyone who can write the database can set)."""
+    terminal = sys.stdout.isatty()
+
     def write(text):
-        sys.stdout.write(text)
+        if terminal:
+            text = "".join(c if c in "\n\t" or c.isprintable() else _shown(c) for c in text)
         sys.stdout.flush()
+        out = getattr(sys.stdout, "buffer", None)
+        if out is None:
+            sys.stdout.write(text)
+        else:
+            out.write(text.encode("utf-8", "replace"))
+            out.flush()
     return write
 
 

@@ -140,3 +140,21 @@ def test_autopilot_submits_nothing_when_the_database_cannot_be_asked(campaign, c
     code, out = run()
     assert code == 2 and "MAX_PILOTS must be a whole number" in out
     assert submitted() == []
+    code, out = run(AUTOPILOT_STEP="two")
+    assert code == 2 and "AUTOPILOT_STEP=two: give a whole number" in out
+
+
+def test_autopilot_reads_confs_as_editors_save_them(campaign):
+    """A last line without a newline, Windows line ends, a leading zero, a glob in the
+    options: the class is still read, its maximum is decimal, the option stays as written."""
+    run, submitted, fake, folder = campaign
+    (folder / "autopilot" / "x*").write_text("")         # a file the glob could match
+    (folder / "autopilot" / "autopilot.conf").write_bytes(
+        b"# classes\r\nSingleCore/todo 08 --gres=gpu:x* --cpus-per-task=1\r\nMultiCore/todo 1")
+    code, out = run(AUTOPILOT_STEP="09")
+    assert code == 0, out
+    assert "SingleCore/todo: has work; 0 pilots were queued or running, submitted 8 (at most 8)" \
+        in out
+    assert "MultiCore/todo: no work; nothing submitted" in out
+    jobs = submitted()
+    assert len(jobs) == 8 and all("--gres=gpu:x* --cpus-per-task=1 --export" in j for j in jobs)

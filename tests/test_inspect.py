@@ -113,7 +113,8 @@ def test_bad_input_escape_sequences_in_tokens(cli, tdb):
     evil = "evil\x1b[2J\x07"
     tdb.save(dict(picas.TOKEN_DEFAULTS, _id=evil, lock=1, done=2, exit_code=3, hostname="h\x1b",
                   error=[{"time": 5, "message": "line one\nline\x1b[31m two"}],
-                  note="\x1b]0;title\x07"))
+                  note="\x1b]0;title\x07", run_seconds="\x1b[5m", live_log="not a dict",
+                  _attachments={"a.txt": {"content_type": "text/\x1b[1m", "data": "eA=="}}))
     for argv in (["status", "--errors"], ["show", evil]):
         result = cli(*argv)
         assert result.code == 0, result

@@ -15,7 +15,7 @@
 #
 # For every class whose view has tokens (`picas.py has-work VIEW`: exit 0),
 # it counts the pilots of that class that are queued or running (squeue, by
-# job name picas-<class>) and submits up to $AUTOPILOT_STEP more (default 2),
+# job name picas-<view>, e.g. picas-SingleCore_todo) and submits up to $AUTOPILOT_STEP more (default 2),
 # never more than MAX_PILOTS in all. A class without work gets nothing; a
 # server that cannot be reached gets nothing submitted and a line in the log.
 # Two runs never overlap (flock). Connection settings: the PICAS_* variables
@@ -44,15 +44,33 @@ if command -v flock >/dev/null 2>&1; then
     fi
 fi
 
+case "$STEP" in
+    ''|*[!0-9]*) say "AUTOPILOT_STEP=$STEP: give a whole number"; exit 2 ;;
+esac
+STEP=$((10#$STEP))
+if ! command -v flock >/dev/null 2>&1; then
+    say "flock not found: two runs at once could both submit (install util-linux)"
+fi
+
 status=0
-while read -r view max options; do
+set -f                  # SBATCH_OPTIONS are split into words, never expanded as file names
+while read -r view max options || [ -n "$view" ]; do
+    max=${max%$'\r'}
+    options=${options%$'\r'}       # a conf saved with Windows line ends
     case "$view" in ''|'#'*) continue ;; esac
-    if ! [ "$max" -ge 0 ] 2>/dev/null; then
-        say "$CONF: '$view $max': MAX_PILOTS must be a whole number; class skipped"
-        status=2
-        continue
-    fi
-    name="picas-$(printf '%s' "${view%%/*}" | tr -c 'A-Za-z0-9_.-' '_')"
+    case "$max" in
+        ''|*[!0-9]*)
+            say "$CONF: '$view $max': MAX_PILOTS must be a whole number; class skipped"
+            status=2
+            continue ;;
+    esac
+    max=$((10#$max))
+    case "$view" in
+        *,*) say "$CONF: view '$view' holds a comma (sbatch --export cannot pass it); class skipped"
+             status=2
+             continue ;;
+    esac
+    name="picas-$(printf '%s' "$view" | tr -c 'A-Za-z0-9_.-' '_')"
     "$PYTHON" "$PICAS" -q has-work "$view" </dev/null
     case $? in
         0) ;;
@@ -60,7 +78,7 @@ while read -r view max options; do
         *) say "$view: could not ask the database (see above); nothing submitted"
            status=1; continue ;;
     esac
-    if ! jobs=$(squeue -h -u "${USER:-$(id -un)}" -n "$name" -t PENDING,RUNNING -o %i </dev/null); then
+    if ! jobs=$(squeue -h -u "${USER:-$(id -un)}" -n "$name" -t PENDING,RUNNING,CONFIGURING,SUSPENDED,REQUEUED,REQUEUE_HOLD -o %i </dev/null); then
         say "$view: squeue failed; nothing submitted"
         status=1
         continue
