@@ -6330,7 +6330,6 @@ def _duration(seconds):
 
 
 def _token_or_fail(db, token_id):
-    _require_db(db)
     doc = db.get(token_id, conflicts=True)
     if doc is None:
         raise PicasError("no token %r in database %s (ids are exact: `python picas.py export "
@@ -6338,10 +6337,10 @@ def _token_or_fail(db, token_id):
     return doc
 
 
-def _when(value):
-    """A unix time as UTC text, or '-'."""
+def _when(value, form="%Y-%m-%d %H:%M:%S UTC"):
+    """A unix time (a token field: any type) as UTC text, or '-'."""
     stamp = _js_number(value)
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp)) if stamp else "-"
+    return time.strftime(form, time.gmtime(stamp)) if stamp else "-"
 
 
 #: The fields ``show`` prints in its own words (the rest are listed as they are).
@@ -6354,6 +6353,7 @@ _SHOWN_FIELDS = ("_id", "_rev", "type", "lock", "done", "hostname", "exit_code",
 
 def cmd_show(args, db):
     """One token in words: state, claim, counters, other fields, history, attachments."""
+    _require_db(db)
     doc = _token_or_fail(db, args.id)
     if args.json:
         print(json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False))
@@ -6469,6 +6469,7 @@ def _new_text(before, now):
 
 def cmd_logs(args, db):
     """A token's stdout/stderr: the attached log once it ran, the live tail while it runs."""
+    _require_db(db)
     stream = "err" if args.err else "out"
     write = _stdout_writer()
     shown, waiting = "", False
@@ -7067,10 +7068,8 @@ def campaign_figures(db, design_doc="Monitor", top=REPORT_TOP, now=None, batch=5
     counts = count_states(db, design_doc) if counts is None else counts
     figures = _Figures(top, now)
     for state in ("done", "error"):
-        for row in db.iterview("%s/%s" % (design_doc, state), batch=batch, include_docs=True):
-            doc = row.get("doc")
-            if isinstance(doc, dict) and not doc.get("_id", "").startswith("_design/"):
-                figures.add(doc, state)
+        for doc in iter_tokens(db, state, design_doc, batch):
+            figures.add(doc, state)
     result = figures.result()
     result.update({
         "database": db.name, "server": redact_url(db.server.url), "design_doc": design_doc,
@@ -7107,10 +7106,6 @@ def _ticks(lo, hi, count=5, integer=False):
     while len(ticks) < 2 or ticks[-1] < hi - step * 1e-9:
         ticks.append(round(first + len(ticks) * step, 10))
     return ticks
-
-
-def _utc(seconds, form="%Y-%m-%d %H:%M:%S UTC"):
-    return time.strftime(form, time.gmtime(seconds)) if seconds else "-"
 
 
 def _seconds_text(seconds):
@@ -7275,7 +7270,7 @@ def _svg_rate(figures, width=900, height=220, bars=40):
                 out.append('<rect class="%s" x="%.1f" y="%.1f" width="%.1f" height="%.1f">'
                            '<title>%s: %d %s, %s tokens/h</title></rect>'
                            % (name, left + i * bar + 1, y(base + rate), max(bar - 2, 1),
-                              y(base) - y(base + rate), _esc(_utc(start + i * slot)),
+                              y(base) - y(base + rate), _esc(_when(start + i * slot)),
                               values[i], name, _count_text(rate)))
                 base += rate
     out.append("</svg>")
@@ -7421,7 +7416,7 @@ def render_report(figures):
            '<h1>PiCaS campaign report: <span id="database">%s</span></h1>'
            % _esc(figures["database"]),
            '<div class="meta">generated <span id="generated">%s</span> from %s, design '
-           'document %s</div>' % (_esc(_utc(figures["generated"])), _esc(figures["server"]),
+           'document %s</div>' % (_esc(_when(figures["generated"])), _esc(figures["server"]),
                                   _esc(figures["design_doc"]))]
 
     # Tokens per state.
@@ -7467,8 +7462,8 @@ def render_report(figures):
                    'in the hour before this report%s.</p>' % (
                        _count_text(overall) if overall is not None else "-",
                        _duration((fin["last_done"] - (fin["first_lock"] or fin["first_done"]))),
-                       _esc(_utc(fin["first_lock"] or fin["first_done"])),
-                       _esc(_utc(fin["last_done"])), _count_text(rate["last_hour"]), eta))
+                       _esc(_when(fin["first_lock"] or fin["first_done"])),
+                       _esc(_when(fin["last_done"])), _count_text(rate["last_hour"]), eta))
         out.append(_svg_rate(figures))
     out.append('</section>')
 
@@ -7541,7 +7536,7 @@ def render_report(figures):
                        '</tr>' % (
                            rank, _token_link(figures, row["id"]), row["run_seconds"],
                            _seconds_text(row["run_seconds"]), _esc(row["hostname"]),
-                           _esc(_utc(row["done"], "%Y-%m-%d %H:%M:%S"))))
+                           _esc(_when(row["done"], "%Y-%m-%d %H:%M:%S"))))
         out.append('</table>')
     else:
         out.append('<p class="empty">No done token has a run time yet.</p>')
@@ -7556,7 +7551,7 @@ def render_report(figures):
             out.append('<tr><td class="id">%s</td><td class="t">%s</td><td>%s</td>'
                        '<td class="n">%s</td><td class="msg">%s</td></tr>' % (
                            _token_link(figures, row["id"]),
-                           _esc(_utc(row["done"], "%Y-%m-%d %H:%M:%S")), _esc(row["hostname"]),
+                           _esc(_when(row["done"], "%Y-%m-%d %H:%M:%S")), _esc(row["hostname"]),
                            _esc(row["exit_code"]), _esc(row["message"])))
         out.append('</table>')
     else:
