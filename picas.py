@@ -1057,20 +1057,21 @@ class Database(object):
 
     # -- views --------------------------------------------------------------
 
-    def view(self, name, **params):
+    def view(self, name, _retry=None, _timeout=None, **params):
         """Query view ``"Design/view"`` and return CouchDB's result dict.
 
         Parameters are CouchDB's: ``key``, ``startkey``, ``endkey`` and
         ``keys`` are JSON-encoded for you; ``include_docs``, ``limit``,
         ``reduce``, ``group``, ``descending``... pass through. ``keys`` is
-        sent in a POST body, so it may be long.
+        sent in a POST body, so it may be long. ``_retry`` and ``_timeout``
+        are the request's (see :meth:`Server.request`), not CouchDB's.
         """
         design, _, view = name.partition("/")
         if not view:
             raise PicasError("view name %r: expected 'Design/view', e.g. 'Monitor/todo'" % name)
         path = "/_design/%s/_view/%s" % (quote(design, safe=""), quote(view, safe=""))
         try:
-            return self._query(path, params)
+            return self._query(path, params, _retry, _timeout)
         except NotFound as exc:
             if not self.exists():
                 raise NotFound(404, "not_found", "database %r does not exist" % self.name,
@@ -1079,15 +1080,15 @@ class Database(object):
                            "views first (python picas.py views)" % (name, self.name),
                            exc.method, exc.path)
 
-    def _query(self, path, params):
+    def _query(self, path, params, retry=None, timeout=None):
+        timeout = timeout or self.server.view_timeout
         if "keys" in params:
             params = dict(params)
             body = {"keys": params.pop("keys")}
-            result = self.request("POST", path, params=params, body=body, retry=True,
-                                  timeout=self.server.view_timeout)[2]
+            result = self.request("POST", path, params=params, body=body,
+                                  retry=True if retry is None else retry, timeout=timeout)[2]
         else:
-            result = self.request("GET", path, params=params,
-                                  timeout=self.server.view_timeout)[2]
+            result = self.request("GET", path, params=params, retry=retry, timeout=timeout)[2]
         return ViewResult(result)
 
     def iterview(self, name, batch=1000, **params):
@@ -1738,10 +1739,27 @@ class _Claimer(object):
     A finished token's result can carry the next lock in the same
     ``_bulk_docs`` request (:meth:`save_and_claim`), but only with a
     candidate already in memory: saving a result never waits for a view read.
+    So when a claim takes the window's last candidate, the next window is
+    read right then, before the task runs (:meth:`_read_ahead`).
+
+    Window reads ask first for the index as it stands (``update=lazy``):
+    CouchDB then answers at once instead of first taking every write since
+    the last read into the index, the wait that queued concurrent pilots
+    behind each other. A row of such a read may be stale either way. A row
+    whose token was claimed since is passed over by the todo check above; a
+    token written since may be missing, so a lazy read that finds nothing is
+    followed by an up-to-date read, and only an up-to-date read finds the
+    view empty.
     """
 
     #: Rows fetched per view read.
     window = 16
+    #: Rows of the first read, made before the size of the view is known: pilots
+    #: starting together pick at random among these.
+    first_window = 64
+    #: Seconds a read made ahead, while a claimed token waits, may take: well
+    #: within STOP_BUDGET, so that a stop during it still gives the token back.
+    read_ahead_timeout = 2.0
     #: Seconds a view read is used for more claims.
     window_age = 10.0
     #: The largest random ``skip`` used to spread pilots (skip costs grow with it).
@@ -1773,6 +1791,9 @@ class _Claimer(object):
         self._held = None           # a token claimed with the last result, not yet handed out
         self._avoided = 0           # todo rows of the last page the avoid check passed over
         self._told_avoided = False  # the log said once why avoided tokens were passed over
+        self.lazy = True            # reads may ask for the index as it stands (update=lazy)
+        self._fresh_next = True     # the next read is up to date: the first one, and after
+                                    # a read that found nothing
 
     def claim(self):
         """Claim one token and return it as a :class:`Task`, or None when the view is empty.
@@ -1783,7 +1804,7 @@ class _Claimer(object):
         """
         held, self._held = self._held, None
         if held is not None:
-            return held
+            return self._read_ahead(held)
         if self.unsure is not None:
             token = self.resolve_unsure()
             if token is not None:
@@ -1794,8 +1815,28 @@ class _Claimer(object):
                 return None
             token = self._lock(doc)
             if token is not None:
-                return token
+                return self._read_ahead(token)
             self._missed()
+
+    def _read_ahead(self, token):
+        """Hand out ``token``; first, if it was the window's last candidate, read the next window.
+
+        Then the result of ``token`` can carry the next lock. Only a quick
+        lazy read (``read_ahead_timeout``, no retries), made while ``token``
+        waits as the held token, so that a stop during the read gives it
+        back. A read that fails or finds nothing leaves the next claim to
+        read after the task, up to date.
+        """
+        if self._candidates or not self.lazy or (self.stop and self.stop(1)):
+            return token
+        self._held = token
+        try:
+            self._fresh_next = not self._read_window(lazy=True, timeout=self.read_ahead_timeout)
+        except PicasError as exc:
+            log.debug("reading %s ahead failed (%s); the next claim reads it again",
+                      self.view_name, exc)
+        held, self._held = self._held, None
+        return held
 
     def save_and_claim(self, doc):
         """Save ``doc`` (a finished token), with the next lock in the same request if one is ready.
@@ -1846,14 +1887,38 @@ class _Claimer(object):
         if not self._candidates or self._misses >= 3 or now - self._fetched > self.window_age:
             if not self._candidates and now - self._empty_at < self.empty_memory:
                 return None              # just looked: nothing there
-            # A window read at a random position may miss the few tokens left
-            # before it: then look once more from the start of the view.
-            if not self._read_window() and not (self._skipped_to and
-                                                self._read_window(at_start=True)):
-                self._empty_at = time.monotonic()
+            if not self._fill():
                 return None
-            self._misses = 0
         return self._candidates.pop(random.randrange(len(self._candidates)))
+
+    def _fill(self):
+        """Read candidates into the window; False when an up-to-date read found none.
+
+        A lazy read at a random position may miss tokens the index has not
+        taken in yet, and the few left before that position: then an
+        up-to-date read from the start of the view decides. After the view
+        was found empty, reads are up to date until candidates turn up again
+        (an idle pilot makes one request per look); so is a claimer's first
+        read (the index may not have been built yet).
+        """
+        lazy = self.lazy and not self._fresh_next
+        if not self._read_window(lazy=lazy) and not (
+                (lazy or self._skipped_to) and self._read_window(at_start=True)):
+            self._empty_at = time.monotonic()
+            self._fresh_next = True
+            return False
+        self._fresh_next = False
+        self._misses = 0
+        return True
+
+    def prime(self):
+        """Read the first window now (``run`` does, so that a missing view fails before anything).
+
+        An empty view is not remembered: the journal replay that comes before
+        the first claim may put tokens back in todo.
+        """
+        self._fill()
+        self.forget_empty()
 
     def _missed(self):
         """Another pilot was faster: back off a little (more after repeated misses)."""
@@ -1865,24 +1930,38 @@ class _Claimer(object):
         """Look at the view again on the next claim, even if it was empty a moment ago."""
         self._empty_at = -1e9
 
-    def _read_window(self, at_start=False):
+    def _read_window(self, at_start=False, lazy=False, timeout=None):
         """Read a window of claimable candidates; False when the view has none.
 
         Rows whose document is not a todo token (the view lags behind the
         documents, or a custom view holds other documents) are passed over,
         paging on through the view until claimable ones turn up or it ends.
+        A ``lazy`` read is one page of the index as it stands (see the class
+        documentation); with a ``timeout`` it is not retried.
         """
         params = dict(self.view_params, include_docs=True, reduce=False)
-        limit = int(params.pop("limit", 0) or 0) or self.window
+        if self._total is None:
+            limit = int(params.pop("limit", 0) or 0) or self.first_window
+        else:
+            limit = int(params.pop("limit", 0) or 0) or self.window
         skip = 0
         if not at_start and self._total and self._total > limit:
             skip = random.randint(0, min(self._total - limit, self.max_skip))
         self._skipped_to = skip
+        if lazy:
+            params["update"] = "lazy"
         passed_over = 0                  # pages of tokens this pilot avoids, and nothing else
         avoided = 0
         while True:
-            result = self.db.view(self.view_name, limit=limit, skip=skip or None, **params)
-            self.stats.view_reads += 1
+            try:
+                result = self._view_rows(params, limit, skip, timeout)
+            except BadRequest as exc:
+                if not lazy:
+                    raise
+                self.lazy = False        # a server without update=lazy (CouchDB 1.x)
+                log.info("%s refuses update=lazy (%s): every view read waits for the index",
+                         self.db.server.url, exc)
+                return False
             rows = result.get("rows", [])
             if skip or "startkey_docid" not in params:
                 self._total = result.get("total_rows")
@@ -1891,7 +1970,8 @@ class _Claimer(object):
             self._rows = dict((row["id"], row) for row in rows)
             passed_over = passed_over + 1 if rows and self._avoided == len(rows) else 0
             avoided += self._avoided
-            if self._candidates or len(rows) < limit or passed_over >= self.max_avoided_pages:
+            if self._candidates or len(rows) < limit or passed_over >= self.max_avoided_pages \
+                    or lazy:
                 break
             params["startkey"], params["startkey_docid"] = rows[-1]["key"], rows[-1]["id"]
             skip = 1
@@ -1903,6 +1983,37 @@ class _Claimer(object):
                         "clears it), came back here with a retry exit code, or do not fit "
                         "in the time left (%s)", avoided, self.view_name, RUNTIME_HINT_FIELD)
         return bool(self._candidates)
+
+    #: From this ``skip`` on, a window is read as ids first, then their documents.
+    far_skip = 32
+
+    def _view_rows(self, params, limit, skip, timeout):
+        """One page of the view, each row with its document (``doc``; None when deleted).
+
+        CouchDB skips rows after loading their documents: with
+        ``include_docs`` a ``skip`` of 1,000 costs about 25 times a read from
+        the start (measured on 3.4.3, docs/performance.md). So a far window
+        is read as ids alone, and their documents then in one ``_all_docs``
+        request: two requests, both cheap.
+        """
+        retry = False if timeout else None
+        if skip < self.far_skip:
+            result = self.db.view(self.view_name, limit=limit, skip=skip or None, _retry=retry,
+                                  _timeout=timeout, **params)
+            self.stats.view_reads += 1
+            return result
+        params = dict(params, include_docs=False)
+        result = self.db.view(self.view_name, limit=limit, skip=skip, _retry=retry,
+                              _timeout=timeout, **params)
+        self.stats.view_reads += 1
+        rows = result.get("rows", [])
+        if rows:
+            docs = self.db._query("/_all_docs", {"keys": [row["id"] for row in rows],
+                                                 "include_docs": True}, retry, timeout)
+            by_id = dict((row.get("key"), row.get("doc")) for row in docs.get("rows", []))
+            for row in rows:
+                row["doc"] = by_id.get(row["id"])
+        return result
 
     def _claimable(self, doc):
         if token_state(doc) == "todo":
@@ -2246,9 +2357,10 @@ class TaskViewIterator(ViewIterator):
     def _claimers(self):
         return [self._claimer]
 
-    def expect_rows(self, total_rows):
-        """Tell the claimer how many rows the view has, so its first read spreads out too."""
-        self._claimer._total = total_rows
+    def prime(self):
+        """Read the first window now: a missing database or view fails here, before any claim."""
+        if isinstance(self._claimer, _Claimer):
+            self._claimer.prime()
 
     def reconnect(self, database):
         self.database = database
@@ -2371,9 +2483,9 @@ class EndlessViewIterator(ViewIterator):
         inner = getattr(self.iterator, "_ahead", None)
         return inner() if inner else None
 
-    def expect_rows(self, total_rows):
-        if hasattr(self.iterator, "expect_rows"):
-            self.iterator.expect_rows(total_rows)
+    def prime(self):
+        if hasattr(self.iterator, "prime"):
+            self.iterator.prime()
 
     def reconnect(self, database):
         self.iterator.reconnect(database)
@@ -3765,7 +3877,7 @@ class RunActor(object):
         self._retried_here = set()       # ids sent back with a retry exit code by this pilot
         self.host_failure = None
         if hasattr(self.iterator, "_configure"):
-            self.iterator._configure(lambda: not self._may_claim(),
+            self.iterator._configure(lambda finishing=0: not self._may_claim(finishing),
                                      {"heartbeat_interval": self.heartbeat or 0}, self._avoids)
 
     def _enter(self):
@@ -6692,11 +6804,7 @@ def cmd_run(args, db):
     command = args.task[1:] if args.task[:1] == ["--"] else args.task
     _check_command(command)
     _check_outputs(args)
-    _require_db(db)
-    # Fail before claiming anything when the view does not exist.
     view = args.view if "/" in args.view else "%s/%s" % (args.design_doc, args.view)
-    with _IndexWatch(db, view.partition("/")[0]):
-        total_rows = db.view(view, limit=0).get("total_rows")
     actor = CommandActor(db, command, log_limit=args.log_limit, view=args.view,
                          design_doc=args.design_doc, heartbeat=args.heartbeat, grace=args.grace,
                          journal=args.journal, retry_exit_codes=args.retry_codes,
@@ -6707,8 +6815,14 @@ def cmd_run(args, db):
                          keep_workdir=args.keep_workdir)
     if args.endless:
         actor.iterator = EndlessViewIterator(actor.iterator, sleep_sec=args.sleep)
-    # Pilots starting together then spread over the view from their first read.
-    actor.iterator.expect_rows(total_rows)
+    # The first window read is also the check that the database and the view
+    # exist: it fails here, before anything is claimed.
+    with _IndexWatch(db, view.partition("/")[0]):
+        try:
+            actor.iterator.prime()
+        except NotFound:
+            _require_db(db)
+            raise
     log.info("pilot %s claiming from %s in %s", actor.pilot_id, view, db.name)
     try:
         actor.run(max_token_time=args.max_token_time, max_total_time=args.max_time,

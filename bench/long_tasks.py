@@ -3,6 +3,7 @@
 
     python3 bench/long_tasks.py --url http://127.0.0.1:PORT --password-file FILE \
         --pilots 1,4 --tokens 24 --seconds 10
+    python3 bench/long_tasks.py ... --pilots 4 --per-pilot 30     # 120 tokens
 
 Every request goes through bench.py's CountingProxy; the figure is deterministic enough to
 compare (it does not depend on the machine's speed, only on who wins which race).
@@ -37,6 +38,7 @@ def main():
     parser.add_argument("--password-file")
     parser.add_argument("--pilots", default="1,4")
     parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--per-pilot", type=int, help="tokens per pilot (instead of --tokens)")
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
     password = os.environ.get("PICAS_PASSWORD")
@@ -46,6 +48,8 @@ def main():
     port = int(args.url.rsplit(":", 1)[1].strip("/"))
     env = dict(os.environ, PICAS_USERNAME=args.user, PICAS_PASSWORD=password)
     for pilots in [int(p) for p in args.pilots.split(",")]:
+        if args.per_pilot:
+            args.tokens = args.per_pilot * pilots
         db = "long-%d-%d" % (pilots, int(time.time()))
         call(args.url, auth, "PUT", "/" + db)
         call(args.url, auth, "PUT", "/%s/_design/%s" % (db, bench.DESIGN),

@@ -186,7 +186,8 @@ def test_a_view_answering_404_after_the_claim_does_not_touch_the_result(couch, t
     proxy_db = picas.Server(fs.url, couch.username, couch.password).database(tdb.name)
     actor = picas.CommandActor(proxy_db, ["true"], heartbeat=0, view="todo",
                                journal=str(tmp_path / "j"))
-    actor.iterator._claimer.window = 1                      # one candidate per read
+    claimer = actor.iterator._claimer
+    claimer.window = claimer.first_window = 1               # one candidate per read
     with pytest.raises(picas.NotFound):
         actor.run()
     done = [t for t, s in states(tdb).items() if s == "done"]
