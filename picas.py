@@ -7743,6 +7743,12 @@ def _pilot_as_module(argv):
     re-executes itself (same process id, arguments, interpreter options) with
     this file imported instead. PICAS_NO_REEXEC=1 switches that off (for
     debuggers and profilers). Returns only when it did not happen.
+
+    The bytecode cache is written first, here, in the process about to be
+    replaced: a new copy of picas.py (a fresh job sandbox) would otherwise
+    be compiled by the import, and the memory compiling takes (about 13 MB)
+    would stay with the pilot for as long as it runs. Not with -B or
+    PYTHONDONTWRITEBYTECODE, nor where the folder is read-only.
     """
     if os.name != "posix" or not sys.executable or os.environ.get("PICAS_NO_REEXEC") or \
             split_global_options(argv)[1][:1] != ["run"]:
@@ -7761,6 +7767,11 @@ def _pilot_as_module(argv):
         options += ["-X", name if value is True else "%s=%s" % (name, value)]
     for warning in sys.warnoptions:
         options += ["-W", warning]
+    try:
+        import importlib.machinery
+        importlib.machinery.SourceFileLoader("picas", os.path.abspath(__file__)).get_code("picas")
+    except Exception as exc:                 # a cache that cannot be written costs memory only
+        log.debug("could not write the bytecode cache of %s (%s)", __file__, exc)
     try:
         sys.stdout.flush()
         sys.stderr.flush()

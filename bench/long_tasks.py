@@ -4,6 +4,8 @@
     python3 bench/long_tasks.py --url http://127.0.0.1:PORT --password-file FILE \
         --pilots 1,4 --tokens 24 --seconds 10
     python3 bench/long_tasks.py ... --pilots 4 --per-pilot 30     # 120 tokens
+    python3 bench/long_tasks.py ... --pilots 4 --per-pilot 30 --pool 2000
+                    # 120 tokens run (run --max-tasks 30) out of a pool of 2,000
 
 Every request goes through bench.py's CountingProxy; the figure is deterministic enough to
 compare (it does not depend on the machine's speed, only on who wins which race).
@@ -39,6 +41,8 @@ def main():
     parser.add_argument("--pilots", default="1,4")
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--per-pilot", type=int, help="tokens per pilot (instead of --tokens)")
+    parser.add_argument("--pool", type=int, help="todo tokens in the database (default: as many "
+                        "as are run); with a larger pool each pilot stops after its share")
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
     password = os.environ.get("PICAS_PASSWORD")
@@ -54,22 +58,26 @@ def main():
         call(args.url, auth, "PUT", "/" + db)
         call(args.url, auth, "PUT", "/%s/_design/%s" % (db, bench.DESIGN),
              {"language": "javascript", "views": bench.VIEWS})
-        docs = [{"_id": "t%04d" % i, "type": "token", "lock": 0, "done": 0}
-                for i in range(args.tokens)]
+        pool = max(args.pool or 0, args.tokens)
+        docs = [{"_id": "t%05d" % i, "type": "token", "lock": 0, "done": 0}
+                for i in range(pool)]
         call(args.url, auth, "POST", "/%s/_bulk_docs" % db, {"docs": docs})
         call(args.url, auth, "GET", "/%s/_design/%s/_view/todo?limit=0" % (db, bench.DESIGN))
         proxy = bench.CountingProxy(port)
         load = open("/proc/loadavg").read().split()[0]
         start = time.time()
         procs = [subprocess.Popen([sys.executable, bench.PICAS_PY, "--url", proxy.url, "--db", db,
-                                   "run", "--", "sh", "-c", "sleep %g" % args.seconds, "sh"], env=env,
+                                   "run"] + (["--max-tasks", str(args.tokens // pilots)]
+                                             if pool > args.tokens else []) +
+                                  ["--", "sh", "-c", "sleep %g" % args.seconds, "sh"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for _ in range(pilots)]
         codes = [p.wait() for p in procs]
         wall = time.time() - start
         proxy.stop()
         summary = bench.summarize_requests(proxy.records, args.tokens)
-        print(json.dumps({"pilots": pilots, "tokens": args.tokens, "task_s": args.seconds,
+        print(json.dumps({"pilots": pilots, "tokens": args.tokens, "pool": pool,
+                          "task_s": args.seconds,
                           "wall_s": round(wall, 1), "load_at_start": load,
                           "exit_codes": codes, "requests": summary}, sort_keys=True))
         sys.stdout.flush()

@@ -140,6 +140,36 @@ def test_a_script_pilot_goes_on_as_a_module_with_the_same_pid_and_options(couch,
     assert states(db) == {"t-1": "todo"}
 
 
+@pytest.mark.parametrize("no_bytecode", [False, True], ids=["cache", "-B"])
+def test_a_new_copy_writes_its_bytecode_cache_before_going_on_as_a_module(couch, db, tmp_path,
+                                                                         no_bytecode):
+    """A fresh sandbox's copy: the script writes the cache before the re-exec, so that the
+    import loads it instead of compiling in the long-lived pilot (whose memory would keep the
+    compiler's peak; the figure is in docs/performance.md). -B means no cache at all."""
+    import shutil
+    from helpers import ensure_views
+    ensure_views(db)
+    work = tmp_path / "sandbox"
+    work.mkdir()
+    shutil.copy(PICAS, str(work / "picas.py"))
+    env = couch.env(db.name)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONVERBOSE"] = "1"            # the import system says where each module came from
+    argv = [sys.executable] + (["-B"] if no_bytecode else []) + ["picas.py", "run", "--", "true"]
+    done = subprocess.run(argv, cwd=str(work), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 3, done.stderr             # no work: exit 3
+    cache = work / "__pycache__"
+    if no_bytecode:
+        assert not cache.exists()
+    else:
+        names = os.listdir(str(cache))
+        assert len(names) == 1 and names[0].startswith("picas.") and names[0].endswith(".pyc")
+        # The pilot (after the re-exec) loaded the cache; it did not compile picas.py itself.
+        loaded = "code object from '%s'" % (cache / names[0])
+        assert loaded in done.stderr.decode("utf-8", "replace"), done.stderr[-2000:]
+
+
 def test_demo_command(tmp_path):
     """The README's demo: a server, the quick example, a pilot, the status."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "demo.py")],
