@@ -54,7 +54,7 @@ def main():
     for pilots in [int(p) for p in args.pilots.split(",")]:
         if args.per_pilot:
             args.tokens = args.per_pilot * pilots
-        db = "long-%d-%d" % (pilots, int(time.time()))
+        db = "long-%d-%d-%d" % (pilots, args.pool or 0, int(time.time() * 1000))
         call(args.url, auth, "PUT", "/" + db)
         call(args.url, auth, "PUT", "/%s/_design/%s" % (db, bench.DESIGN),
              {"language": "javascript", "views": bench.VIEWS})
