@@ -1073,6 +1073,8 @@ class Database(object):
         try:
             return self._query(path, params, _retry, _timeout)
         except NotFound as exc:
+            if _retry is False:
+                raise                    # a quick read: no second request to explain it
             if not self.exists():
                 raise NotFound(404, "not_found", "database %r does not exist" % self.name,
                                exc.method, exc.path)
@@ -1757,9 +1759,14 @@ class _Claimer(object):
     #: Rows of the first read, made before the size of the view is known: pilots
     #: starting together pick at random among these.
     first_window = 64
-    #: Seconds a read made ahead, while a claimed token waits, may take: well
-    #: within STOP_BUDGET, so that a stop during it still gives the token back.
-    read_ahead_timeout = 2.0
+    #: Seconds each request of a read made ahead, while a claimed token waits,
+    #: may take: a far window's two requests stay well within STOP_BUDGET (and a
+    #: stop between them drops the second), so that a stop during the read still
+    #: gives the token back.
+    read_ahead_timeout = 1.5
+    #: View parameters that shape the returned documents: with any of them, far
+    #: windows too are read with ``include_docs`` (``_all_docs`` would drop them).
+    _DOC_PARAMS = ("conflicts", "attachments", "att_encoding_info", "att_encoding")
     #: Seconds a view read is used for more claims.
     window_age = 10.0
     #: The largest random ``skip`` used to spread pilots (skip costs grow with it).
@@ -1825,18 +1832,31 @@ class _Claimer(object):
         lazy read (``read_ahead_timeout``, no retries), made while ``token``
         waits as the held token, so that a stop during the read gives it
         back. A read that fails or finds nothing leaves the next claim to
-        read after the task, up to date.
+        read after the task (up to date when this one found nothing).
         """
-        if self._candidates or not self.lazy or (self.stop and self.stop(1)):
+        if self._candidates or not self.lazy:
             return token
-        self._held = token
+        self._held = token               # parked first: whatever happens now, a stop finds it
         try:
-            self._fresh_next = not self._read_window(lazy=True, timeout=self.read_ahead_timeout)
+            if not self._stopping(ahead=1):
+                found = self._read_window(lazy=True, timeout=self.read_ahead_timeout)
+                self._fresh_next = not found
+                if found:
+                    self._misses = 0
         except PicasError as exc:
             log.debug("reading %s ahead failed (%s); the next claim reads it again",
                       self.view_name, exc)
         held, self._held = self._held, None
         return held
+
+    def _stopping(self, ahead=0):
+        """True when claiming must stop (``ahead``: tokens about to be finished first)."""
+        if self.stop is None:
+            return False
+        try:
+            return bool(self.stop(ahead))
+        except TypeError:                # a stop callable of one's own, without the argument
+            return bool(self.stop())
 
     def save_and_claim(self, doc):
         """Save ``doc`` (a finished token), with the next lock in the same request if one is ready.
@@ -1956,9 +1976,9 @@ class _Claimer(object):
             try:
                 result = self._view_rows(params, limit, skip, timeout)
             except BadRequest as exc:
-                if not lazy:
+                if not lazy or "update" not in str(exc.reason or ""):
                     raise
-                self.lazy = False        # a server without update=lazy (CouchDB 1.x)
+                self.lazy = False        # a server without update=lazy
                 log.info("%s refuses update=lazy (%s): every view read waits for the index",
                          self.db.server.url, exc)
                 return False
@@ -1997,7 +2017,7 @@ class _Claimer(object):
         request: two requests, both cheap.
         """
         retry = False if timeout else None
-        if skip < self.far_skip:
+        if skip < self.far_skip or any(params.get(name) for name in self._DOC_PARAMS):
             result = self.db.view(self.view_name, limit=limit, skip=skip or None, _retry=retry,
                                   _timeout=timeout, **params)
             self.stats.view_reads += 1
@@ -2007,6 +2027,8 @@ class _Claimer(object):
                               _timeout=timeout, **params)
         self.stats.view_reads += 1
         rows = result.get("rows", [])
+        if rows and timeout and self._stopping():
+            rows[:] = []                 # a read ahead, and a stop came: no second request
         if rows:
             docs = self.db._query("/_all_docs", {"keys": [row["id"] for row in rows],
                                                  "include_docs": True}, retry, timeout)

@@ -56,11 +56,13 @@ def test_a_token_missing_from_a_stale_index_is_still_found(couch, tdb):
     make_tokens(tdb, ["first"])
     claimer = picas._Claimer(tdb, "todo")
     assert claimer.claim() is not None          # a first read is up to date: 1 token
+    tdb.view("Monitor/todo")                    # no index update left running
     ids = make_tokens(tdb, ["x%d" % i for i in range(20)], prefix="late")
     if couch.kind != "pouchdb-server":
         # CouchDB: the index has not taken them in (pouchdb-server ignores update=false).
         stale = tdb.view("Monitor/todo", update="false")["rows"]
-        assert len(stale) < 20, "the index was already up to date: the test proves nothing"
+        assert not [r for r in stale if r["id"] in ids], "index up to date: proves nothing"
+    claimer._fresh_next = False               # as after a read that found candidates: lazy next
     got = []
     while True:
         token = claimer.claim()
@@ -76,12 +78,18 @@ def test_rows_of_a_stale_index_are_passed_over_not_locked(couch, tdb):
     make_tokens(tdb, ["a", "b", "c", "d"])
     tdb.view("Monitor/todo")                                 # index up to date: 4 todo
     rival = picas.TaskViewIterator(tdb, "todo")
-    taken = [next(rival)["_id"] for _ in range(3)]
+    taken = [next(rival)["_id"] for _ in range(3)]           # lone locks: no lazy read yet
+    if couch.kind != "pouchdb-server":
+        stale = tdb.view("Monitor/todo", update="false")["rows"]
+        assert len(stale) == 4, "the index already left the taken tokens out: proves nothing"
     claimer = picas._Claimer(tdb, "todo")
+    claimer._fresh_next = False                              # a lazy first read
     token = claimer.claim()
     assert token is not None and token["_id"] not in taken
     assert claimer.claim() is None
     assert claimer.stats.conflicts == 0
+    if couch.kind != "pouchdb-server":
+        assert claimer.stats.skipped >= 3                    # the stale rows, passed over
     for tid in taken:
         assert tdb.get(tid)["pilot_id"] == rival.pilot_id
 
@@ -92,11 +100,13 @@ def test_a_far_window_is_read_as_ids_then_documents(couch, tdb, proxy):
     ids = make_tokens(tdb, ["x%d" % i for i in range(60)])
     fs = proxy()
     db = picas.Server(fs.url, couch.username, couch.password).database(tdb.name)
+    tdb.view("Monitor/todo")                                 # index up to date: 60 todo
+    gone = tdb.get(ids[30])
+    tdb.delete(gone)                                         # a lazy read may still show it
     claimer = picas._Claimer(db, "todo")
     claimer.far_skip = 1
     claimer._total = 60
-    gone = tdb.get(ids[30])
-    tdb.delete(gone)
+    claimer._fresh_next = False
     got = []
     while True:
         token = claimer.claim()
@@ -113,7 +123,7 @@ def test_a_far_window_is_read_as_ids_then_documents(couch, tdb, proxy):
 
 def test_a_server_refusing_update_lazy_is_read_the_usual_way(couch, tdb, proxy):
     """CouchDB 1.x answers update=lazy with 400: the claimer stops asking and claims on."""
-    make_tokens(tdb, ["a", "b", "c"])
+    make_tokens(tdb, ["x%d" % i for i in range(70)])         # more than the first 64 rows
 
     def no_lazy(fs, request):
         if "update=lazy" in request.path:
@@ -124,7 +134,7 @@ def test_a_server_refusing_update_lazy_is_read_the_usual_way(couch, tdb, proxy):
     db = picas.Server(fs.url, couch.username, couch.password).database(tdb.name)
     actor = picas.CommandActor(db, ["true"], heartbeat=0)
     actor.run()
-    assert actor.tasks_processed == 3
+    assert actor.tasks_processed == 70
     lazy = [r for r in fs.requests if "update=lazy" in r.path]
     assert len(lazy) == 1                                   # asked once, then never again
 
@@ -150,7 +160,10 @@ def test_a_stop_during_the_read_ahead_gives_the_held_token_back(couch, tdb, prox
     pilot.send(signal.SIGTERM)
     started = time.time()
     code = pilot.wait(60)
-    assert code == 128 + signal.SIGTERM, pilot.err
     assert time.time() - started < picas.STOP_BUDGET + 5
     doc = tdb.get("t-1")
-    assert picas.token_state(doc) == "todo", doc
+    # Never left locked. Normally the stop comes during the read (1.5 s): back to todo; on a
+    # machine so slow that the read had already timed out, the token ran and is done.
+    assert picas.token_state(doc) in ("todo", "done"), doc
+    if picas.token_state(doc) == "todo":
+        assert code == 128 + signal.SIGTERM, pilot.err

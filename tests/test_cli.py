@@ -475,9 +475,13 @@ def test_status_of_an_empty_database(cli, tdb):
 
 def test_status_watch_refreshes_until_interrupted(cli, tdb):
     _mixed_tokens(tdb)
+    # Ctrl-C as on a terminal: a runner started in the background (nohup, `cmd &` in a
+    # script) hands its children SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, PICAS, "status", "--watch", "0.2"],
                             env=cli.couch.env(tdb.name), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.0)
     doc = tdb.get("todo1")
     doc.update(lock=int(time.time()), done=int(time.time()), exit_code=0)
