@@ -1873,7 +1873,7 @@ class _Claimer(object):
         if token_state(doc) == "todo":
             self.forget_empty()          # it goes back to the view (a scrub): look again
         candidate = None
-        if self._held is None and self.unsure is None and not (self.stop and self.stop()):
+        if self._held is None and self.unsure is None and not self._stopping():
             while self._candidates and candidate is None:
                 candidate = self._candidates.pop(random.randrange(len(self._candidates)))
                 candidate = candidate if self._claimable(candidate) else None
@@ -1901,7 +1901,7 @@ class _Claimer(object):
 
     def _next_candidate(self):
         """The next todo document to try to lock (reading windows as needed), or None."""
-        if self.stop is not None and self.stop():
+        if self._stopping():
             return None
         now = time.monotonic()
         if not self._candidates or self._misses >= 3 or now - self._fetched > self.window_age:
@@ -1960,10 +1960,8 @@ class _Claimer(object):
         documentation); with a ``timeout`` it is not retried.
         """
         params = dict(self.view_params, include_docs=True, reduce=False)
-        if self._total is None:
-            limit = int(params.pop("limit", 0) or 0) or self.first_window
-        else:
-            limit = int(params.pop("limit", 0) or 0) or self.window
+        limit = int(params.pop("limit", 0) or 0) or (
+            self.first_window if self._total is None else self.window)
         skip = 0
         if not at_start and self._total and self._total > limit:
             skip = random.randint(0, min(self._total - limit, self.max_skip))
@@ -2017,16 +2015,11 @@ class _Claimer(object):
         request: two requests, both cheap.
         """
         retry = False if timeout else None
-        if skip < self.far_skip or any(params.get(name) for name in self._DOC_PARAMS):
-            result = self.db.view(self.view_name, limit=limit, skip=skip or None, _retry=retry,
-                                  _timeout=timeout, **params)
-            self.stats.view_reads += 1
-            return result
-        params = dict(params, include_docs=False)
-        result = self.db.view(self.view_name, limit=limit, skip=skip, _retry=retry,
-                              _timeout=timeout, **params)
+        far = skip >= self.far_skip and not any(params.get(name) for name in self._DOC_PARAMS)
+        result = self.db.view(self.view_name, limit=limit, skip=skip or None, _retry=retry,
+                              _timeout=timeout, **dict(params, include_docs=not far))
         self.stats.view_reads += 1
-        rows = result.get("rows", [])
+        rows = result.get("rows", []) if far else []
         if rows and timeout and self._stopping():
             rows[:] = []                 # a read ahead, and a stop came: no second request
         if rows:

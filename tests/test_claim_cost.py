@@ -42,6 +42,16 @@ def token_requests(fs):
     return [r for r in fs.requests if "/_local/" not in r.path]
 
 
+def claim_all(claimer):
+    """Claim until the claimer finds the view empty; the tokens it got, in order."""
+    got = []
+    token = claimer.claim()
+    while token is not None:
+        got.append(token)
+        token = claimer.claim()
+    return got
+
+
 def test_one_pilot_makes_at_most_1_2_requests_per_token(couch, tdb, proxy, tmp_path):
     """`run` over 40 tokens: one write per token, plus the first read, the first lock, the
     read ahead that finds the view empty, the last result alone and the final look."""
@@ -72,13 +82,7 @@ def test_a_token_missing_from_a_stale_index_is_still_found(couch, tdb):
         stale = tdb.view("Monitor/todo", update="false")["rows"]
         assert not [r for r in stale if r["id"] in ids], "index up to date: proves nothing"
     claimer._fresh_next = False               # as after a read that found candidates: lazy next
-    got = []
-    while True:
-        token = claimer.claim()
-        if token is None:
-            break
-        got.append(token["_id"])
-    assert sorted(got) == sorted(ids)
+    assert sorted(t["_id"] for t in claim_all(claimer)) == sorted(ids)
 
 
 def test_rows_of_a_stale_index_are_passed_over_not_locked(couch, tdb):
@@ -117,15 +121,11 @@ def test_a_far_window_is_read_as_ids_then_documents(couch, tdb, proxy):
     claimer.far_skip = 1
     claimer._total = 60
     claimer._fresh_next = False
-    got = []
-    while True:
-        token = claimer.claim()
-        if token is None:
-            break
-        got.append(token["_id"])
+    got = claim_all(claimer)
+    for token in got:
         stored = tdb.get(token["_id"])
         assert stored["pilot_id"] == claimer.pilot_id and stored["_rev"] == token["_rev"]
-    assert sorted(got) == sorted(i for i in ids if i != ids[30])
+    assert sorted(t["_id"] for t in got) == sorted(i for i in ids if i != ids[30])
     reads = [r.path for r in fs.requests if r.method == "POST" and "/_all_docs" in r.path]
     assert reads, [r.path for r in fs.requests]
     assert any("include_docs=false" in r.path for r in fs.requests if "/_view/" in r.path)
