@@ -1726,8 +1726,7 @@ class _Claimer(object):
     returned document: a view row can be older than its document) and locked
     with a PUT carrying the revision that was seen in todo. A 409 means
     another pilot was faster: try another candidate after a short, jittered
-    pause. One view read serves several claims, until it has lost two races
-    (three while it is younger than ``window_age``).
+    pause. One view read serves several claims while it is fresh.
 
     Only a 201 answer is a claim. A lock whose outcome is not known -- its
     answer was lost, or it was answered 202 (on a CouchDB cluster: fewer
@@ -1768,11 +1767,7 @@ class _Claimer(object):
     #: View parameters that shape the returned documents: with any of them, far
     #: windows too are read with ``include_docs`` (``_all_docs`` would drop them).
     _DOC_PARAMS = ("conflicts", "attachments", "att_encoding_info", "att_encoding")
-    #: Seconds after which a window is read again once it has lost two races (a
-    #: younger one is read again after three). A long task's window is always
-    #: older than this when its result is saved, and most of its candidates are
-    #: still free: a lost race then costs one more lock from the same window,
-    #: not a view read and a lock.
+    #: Seconds a view read is used for more claims.
     window_age = 10.0
     #: The largest random ``skip`` used to spread pilots (skip costs grow with it).
     max_skip = 1000
@@ -1908,9 +1903,9 @@ class _Claimer(object):
         """The next todo document to try to lock (reading windows as needed), or None."""
         if self._stopping():
             return None
-        old = time.monotonic() - self._fetched > self.window_age
-        if not self._candidates or self._misses >= (2 if old else 3):
-            if not self._candidates and time.monotonic() - self._empty_at < self.empty_memory:
+        now = time.monotonic()
+        if not self._candidates or self._misses >= 3 or now - self._fetched > self.window_age:
+            if not self._candidates and now - self._empty_at < self.empty_memory:
                 return None              # just looked: nothing there
             if not self._fill():
                 return None

@@ -131,56 +131,6 @@ def test_a_far_window_is_read_as_ids_then_documents(couch, tdb, proxy):
     assert any("include_docs=false" in r.path for r in fs.requests if "/_view/" in r.path)
 
 
-def test_a_lost_race_of_an_old_window_costs_one_lock_not_a_read(couch, tdb, proxy):
-    """After a long task the window is older than ``window_age``. When another pilot took the
-    candidate whose lock rode with the result, the next claim locks another candidate of the
-    same window (one lone PUT); only a second lost race makes it read the view again."""
-    make_tokens(tdb, ["a", "b", "c", "d", "e", "f"])
-    fs = proxy()
-    db = picas.Server(fs.url, couch.username, couch.password).database(tdb.name)
-    claimer = picas._Claimer(db, "todo")
-    first = claimer.claim()
-    assert first is not None and len(claimer._candidates) == 5
-
-    def rival_takes(doc):
-        stored = tdb.get(doc["_id"])
-        stored["lock"], stored["pilot_id"] = int(time.time()), "rival"
-        tdb.save(stored)
-
-    def requests_of(action):
-        before = len(token_requests(fs))
-        result = action()
-        return result, [(r.method, r.path.split("?")[0].rsplit("/", 1)[-1])
-                        for r in token_requests(fs)[before:]]
-
-    def finish(token):                      # a long task ends: the window is old by now
-        claimer._fetched -= claimer.window_age + 1
-        token["exit_code"] = 0
-        token.done()
-        claimer.save_and_claim(token)
-
-    class LastFirst(list):                  # candidates are tried from the end, in order
-        def pop(self, index=-1):
-            return list.pop(self)
-
-    # The candidate that rides with the result is gone; the next one is still free.
-    claimer._candidates = LastFirst(sorted(claimer._candidates, key=lambda doc: doc["_id"]))
-    rival_takes(claimer._candidates[-1])
-    second, made = requests_of(lambda: (finish(first), claimer.claim())[1])
-    assert claimer.stats.conflicts == 1
-    assert second is not None and tdb.get(second["_id"])["pilot_id"] == claimer.pilot_id
-    assert made == [("POST", "_bulk_docs"), ("PUT", second["_id"])], made
-
-    # A second lost race since the window was read: the claim reads the view again.
-    rival_takes(claimer._candidates[-1])
-    third, made = requests_of(lambda: (finish(second), claimer.claim())[1])
-    assert claimer.stats.conflicts == 2
-    assert third is not None and tdb.get(third["_id"])["pilot_id"] == claimer.pilot_id
-    assert made[0] == ("POST", "_bulk_docs") and made[-1] == ("PUT", third["_id"]), made
-    assert any(kind == "todo" for _, kind in made[1:-1]), made
-    assert sorted(states(tdb).values()) == ["done", "done", "locked", "locked", "locked", "todo"]
-
-
 def test_a_server_refusing_update_lazy_is_read_the_usual_way(couch, tdb, proxy):
     """CouchDB 1.x answers update=lazy with 400: the claimer stops asking and claims on."""
     make_tokens(tdb, ["x%d" % i for i in range(70)])         # more than the first 64 rows
