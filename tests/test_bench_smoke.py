@@ -54,3 +54,23 @@ def test_bench_quick_runs_and_prints_the_table(tmp_path):
     assert "upstream" not in results["single"]
     assert elapsed < 60 or os.getloadavg()[0] > 2 * (os.cpu_count() or 1), \
         "bench.py --quick took %.0f s (limit 60)" % elapsed
+
+
+def test_the_token_cost_probe_measures_both_workloads(couch, tmp_path):
+    """bench/probes/token_cost.py (docs/performance.md, issue 17) runs end to end: bare PUTs and
+    picas.py pilots over the same number of tokens, server CPU read from /proc, no password out."""
+    secret = tmp_path / "password"
+    secret.write_text(couch.password)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "probes", "token_cost.py"), "--url",
+         couch.url, "--user", couch.username, "--password-file", str(secret),
+         "--tokens", "24", "--pilots", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert couch.password not in proc.stdout + proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["tokens"] == 24 and out["pilots"] == 2
+    for part in ("bare_put", "picas_token"):
+        assert out[part]["per_s"] > 0 and out[part]["wall_ms"] > 0, out
+        assert out[part]["server_cpu_ms"] >= out[part]["server_cpu_during_ms"] > 0, out
+    assert out["picas_token"]["pilot_and_task_cpu_ms"] > 0 and out["start_true_ms"] > 0, out
