@@ -5438,7 +5438,21 @@ class _CouchDatabase(Database):
         return default if data is None else io.BytesIO(data)
 
 
-class CouchDB(object):
+class _ClosingClient(object):
+    """``close()`` and ``with`` for the clients below, which hold a :class:`Server`."""
+
+    def close(self):
+        """Close the connections to the server (a later call opens a new one)."""
+        self.server.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class CouchDB(_ClosingClient):
     """Upstream picas' client: ``CouchDB(url, db, username, password, ssl_verification, create)``.
 
     ``create=True`` creates the database (an error if it exists); otherwise
@@ -5457,16 +5471,6 @@ class CouchDB(object):
 
     def __repr__(self):
         return "CouchDB(%r, %r)" % (self.server.url, self.db.name)
-
-    def close(self):
-        """Close the connections to the server (a later call opens a new one)."""
-        self.server.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
 
     @property
     def _picas_database(self):
@@ -5554,7 +5558,7 @@ class CouchDB(object):
         return count
 
 
-class CouchClient(object):
+class CouchClient(_ClosingClient):
     """The old API's client: ``.server`` and ``.db`` (python-couchdb style)."""
 
     def __init__(self, url="http://localhost:5984", db="test", username="", password="",

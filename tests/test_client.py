@@ -636,6 +636,20 @@ def test_requests_reuse_one_connection(couch, db, proxy):
     assert proxy.connections == 2
 
 
+def test_the_upstream_clients_close_their_connections(couch, db, proxy):
+    """CouchDB and CouchClient (upstream's two client classes) have close() and ``with``."""
+    for make in (picas.CouchDB, picas.CouchClient):
+        before = proxy.connections
+        with make(proxy.url, db.name, couch.username, couch.password) as client:
+            client.db.save({"_id": "%s-1" % make.__name__})
+            assert proxy.connections == before + 1
+        client.db.save({"_id": "%s-2" % make.__name__})    # the with block closed the first
+        assert proxy.connections == before + 2
+        client.close()
+        assert client.db.get("%s-1" % make.__name__) is not None
+        assert proxy.connections == before + 3
+
+
 def test_each_thread_has_its_own_connection(couch, proxy):
     client = picas.Server(proxy.url, couch.username, couch.password, retries=0)
     client.info()
