@@ -223,6 +223,54 @@ def test_logs_follow_shows_a_running_task_and_ends_with_it(cli, tdb):
     assert "live_log" not in tdb.get("f-1")
 
 
+def _logs_output(env, token_id, terminal):
+    """What `picas.py logs TOKEN` writes to its stdout: a pseudo-terminal, or a pipe."""
+    if not terminal:
+        proc = subprocess.run([sys.executable, PICAS, "logs", token_id], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        return proc.returncode, proc.stdout, proc.stderr
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, PICAS, "logs", token_id], env=env, stdout=slave,
+                            stderr=subprocess.PIPE)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:                         # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    return proc.wait(timeout=60), b"".join(chunks), err
+
+
+def test_a_live_tail_shown_on_a_terminal_escapes_control_characters(cli, tdb):
+    """live_log is a token field anyone who can write the database can set: on a terminal its
+    escape sequences (a title change, a screen clear) are shown as \\xNN, newlines and tabs
+    kept; through a pipe the tail is passed on byte for byte."""
+    make_tokens(tdb, ["hostile"], prefix="h")
+    doc = tdb.get("h-1")
+    tail = "line 1\n\tindented \x1b]0;owned\x07 then \x1b[2J cleared \x9b31m\n"
+    doc.update(lock=int(time.time()), hostname="node-x",
+               live_log={"out": tail, "err": "", "time": int(time.time())})
+    tdb.save(doc)
+    env = cli.couch.env(cli.db.name)
+    code, out, err = _logs_output(env, "h-1", terminal=True)
+    assert code == 0, err
+    shown = out.decode("utf-8").replace("\r\n", "\n")     # the terminal adds the \r
+    assert shown == ("line 1\n\tindented \\x1b]0;owned\\x07 then \\x1b[2J cleared "
+                     "\\x9b31m\n"), shown
+    assert b"\x1b" not in out and b"\x07" not in out and "\x9b" not in out.decode("utf-8")
+    assert b"is running on node-x" in err
+    code, out, err = _logs_output(env, "h-1", terminal=False)
+    assert code == 0, err
+    assert out == tail.encode("utf-8")
+
+
 # -- export --------------------------------------------------------------------
 
 def test_export_streams_every_token_in_pages(cli, tdb):
