@@ -229,20 +229,27 @@ def _logs_output(env, token_id, terminal):
         proc = subprocess.run([sys.executable, PICAS, "logs", token_id], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         return proc.returncode, proc.stdout, proc.stderr
+    import select
     master, slave = os.openpty()
     proc = subprocess.Popen([sys.executable, PICAS, "logs", token_id], env=env, stdout=slave,
                             stderr=subprocess.PIPE)
     os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:                         # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(master)
+    chunks, deadline = [], time.time() + 60
+    try:
+        while True:
+            if not select.select([master], [], [], max(0, deadline - time.time()))[0]:
+                proc.kill()
+                raise AssertionError("`logs %s` wrote no end within 60 s: %r"
+                                     % (token_id, b"".join(chunks)))
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:                     # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
     err = proc.stderr.read()
     proc.stderr.close()
     return proc.wait(timeout=60), b"".join(chunks), err

@@ -421,6 +421,11 @@ class CouchDBNode(object):
             "-os_mon disk_space_check_interval 5",
             "-os_mon disk_almost_full_threshold 1.0",
         ]
+        # Extra emulator flags for measurements, e.g. "+sbwt none +sbwtdcpu none +sbwtdio
+        # none" (schedulers that do not spin: the CPU time /proc shows is then work).
+        extra = os.environ.get("PICAS_COUCHDB_VM_ARGS", "").strip()
+        if extra:
+            args.append(extra)
         path = os.path.join(self.dir, "node.args")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
