@@ -247,6 +247,54 @@ def token_state(doc):
 # A counting proxy ############################################################
 ###############################################################################
 
+def put_each_once(couch, db, docs, writers):
+    """PUT every one of ``docs`` once (a lock update) from ``writers`` forked processes, each
+    with its own keep-alive connection, all starting together; their (start, end) times.
+    Raises RuntimeError when a writer fails."""
+    shares = [docs[k::writers] for k in range(writers)]
+    start_at = time.time() + 1.0 + 0.05 * writers   # every writer connected by then
+    procs = []
+    for share in shares:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                 # the writer
+            os.close(read_end)
+            report = b""
+            try:
+                conn = http.client.HTTPConnection(couch.host, couch.port, timeout=120)
+                conn.connect()
+                time.sleep(max(0.0, start_at - time.time()))
+                t0 = time.perf_counter()
+                for doc in share:
+                    doc.update(lock=int(time.time()), hostname="bench", pilot_id="writer")
+                    conn.request("PUT", "/%s/%s" % (db, doc["_id"]),
+                                 body=json.dumps(doc).encode(), headers=couch.headers)
+                    resp = conn.getresponse()
+                    resp.read()
+                    if resp.status != 201:
+                        raise RuntimeError("HTTP %d" % resp.status)
+                report = ("%r %r" % (t0, time.perf_counter())).encode()
+            except Exception as exc:                 # told to the parent
+                report = ("!" + repr(exc)).encode()
+            finally:
+                os.write(write_end, report)
+                os._exit(0)
+        os.close(write_end)
+        procs.append((pid, read_end))
+    spans, failures = [], []
+    for pid, read_end in procs:
+        with os.fdopen(read_end) as fh:
+            text = fh.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not text or text.startswith("!"):
+            failures.append(text[1:] or "exit status %d" % status)
+        else:
+            spans.append([float(x) for x in text.split()])
+    if failures:
+        raise RuntimeError("a writer failed: %s" % failures[0])
+    return spans
+
+
 class CountingProxy(object):
     """A thin TCP proxy on 127.0.0.1 that notes every HTTP request and its status.
 
@@ -752,43 +800,7 @@ class Bench(object):
         ids = self.couch.prepare(db, count)
         _, rows = self.couch.request("GET", "/%s/_all_docs?include_docs=true" % db)
         docs = [row["doc"] for row in rows["rows"] if row["id"] in set(ids)]
-        shares = [docs[k::writers] for k in range(writers)]
-        start_at = time.time() + 1.0 + 0.05 * writers   # every writer connected by then
-        procs = []
-        for share in shares:
-            read_end, write_end = os.pipe()
-            pid = os.fork()
-            if pid == 0:                                 # the writer
-                os.close(read_end)
-                code = 1
-                try:
-                    conn = http.client.HTTPConnection(self.server.host, self.server.port,
-                                                      timeout=120)
-                    conn.connect()
-                    time.sleep(max(0.0, start_at - time.time()))
-                    t0 = time.perf_counter()
-                    for doc in share:
-                        doc.update(lock=int(time.time()), hostname="bench", pilot_id="writer")
-                        conn.request("PUT", "/%s/%s" % (db, doc["_id"]),
-                                     body=json.dumps(doc).encode(), headers=self.couch.headers)
-                        resp = conn.getresponse()
-                        resp.read()
-                        if resp.status != 201:
-                            raise RuntimeError("writer: HTTP %d" % resp.status)
-                    os.write(write_end, ("%r %r" % (t0, time.perf_counter())).encode())
-                    code = 0
-                finally:
-                    os._exit(code)
-            os.close(write_end)
-            procs.append((pid, read_end))
-        spans = []
-        for pid, read_end in procs:
-            with os.fdopen(read_end) as fh:
-                text = fh.read()
-            _, status = os.waitpid(pid, 0)
-            if status != 0 or not text:
-                raise RuntimeError("ceiling: a writer failed (status %d)" % status)
-            spans.append([float(x) for x in text.split()])
+        spans = put_each_once(self.couch, db, docs, writers)
         self.couch.delete_db(db)
         wall = max(end for _, end in spans) - min(begin for begin, _ in spans)
         return round(count / wall, 1)

@@ -7,8 +7,8 @@
 Three measurements, one after the other, on a CouchDB node of this machine:
 
 1. ``true`` started N times the way picas.py starts a task (subprocess, new session): wall ms;
-2. N bare PUTs from ``--pilots`` writer processes, each on its own keep-alive connection, as
-   bench.py's write ceiling makes them (one lock update per token);
+2. N bare PUTs from ``--pilots`` writer processes, each on its own keep-alive connection:
+   bench.py's write ceiling (``bench.put_each_once``, one lock update per token);
 3. ``--pilots`` ``picas.py run -- true`` pilots over N tokens.
 
 For 2 and 3 it prints, per token, the wall time and the CPU time of the CouchDB process tree
@@ -25,7 +25,6 @@ stand-in for a server with a core of its own; the affinities are restored at the
 password is read from the file or PICAS_PASSWORD and never printed.
 """
 import argparse
-import http.client
 import json
 import os
 import resource
@@ -114,10 +113,11 @@ def idle_cpu(root, quiet=0.02, step=1.0, longest=60.0):
 
 
 def measured(root, action, count, out):
-    """Per token: wall time, and the server's CPU time while ``action`` ran and in all."""
+    """Per token: wall time, and the server's CPU time while ``action`` ran and in all.
+    ``action`` may return the seconds its work took (without its own start-up)."""
     (cpu0, idle0), t0 = idle_cpu(root), time.perf_counter()
-    action()
-    wall, during = time.perf_counter() - t0, tree_cpu(root) - cpu0
+    wall = action()
+    wall, during = wall or time.perf_counter() - t0, tree_cpu(root) - cpu0
     cpu1, idle1 = idle_cpu(root)
     out["idle_reached"] = out.get("idle_reached", True) and idle0 and idle1
     return {"wall_ms": round(1000 * wall / count, 2),
@@ -157,44 +157,6 @@ def pin(root):
     return undo
 
 
-def bare_puts(couch, db, docs, writers):
-    """PUT every doc once from ``writers`` processes; an error message or None."""
-    procs = []
-    for k in range(writers):
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:                               # a writer
-            os.close(read_end)
-            message = b""
-            try:
-                conn = http.client.HTTPConnection(couch.host, couch.port, timeout=120)
-                for doc in docs[k::writers]:
-                    doc.update(lock=int(time.time()), hostname="probe", pilot_id="writer")
-                    conn.request("PUT", "/%s/%s" % (db, doc["_id"]),
-                                 body=json.dumps(doc).encode(), headers=couch.headers)
-                    resp = conn.getresponse()
-                    resp.read()
-                    if resp.status != 201:
-                        message = b"a bare PUT answered HTTP %d" % resp.status
-                        break
-                conn.close()
-            except Exception as exc:               # reported by the parent
-                message = repr(exc).encode()
-            finally:
-                os.write(write_end, message)
-                os._exit(0)
-        os.close(write_end)
-        procs.append((pid, read_end))
-    errors = []
-    for pid, read_end in procs:
-        with os.fdopen(read_end, "rb") as fh:
-            message = fh.read()
-        _, status = os.waitpid(pid, 0)
-        if message or status:
-            errors.append(message.decode() or "a writer ended with status %d" % status)
-    return errors[0] if errors else None
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", required=True)
@@ -231,11 +193,14 @@ def main():
         couch.prepare(dbs[0], n)
         _, rows = couch.request("GET", "/%s/_all_docs?include_docs=true" % dbs[0])
         docs = [row["doc"] for row in rows["rows"] if row["doc"].get("type") == "token"]
-        failed = []
-        out["bare_put"] = measured(
-            root, lambda: failed.append(bare_puts(couch, dbs[0], docs, args.pilots)), n, out)
-        if failed[0]:
-            raise SystemExit("bare PUTs: %s" % failed[0])
+
+        def puts():
+            try:
+                spans = bench.put_each_once(couch, dbs[0], docs, args.pilots)
+            except RuntimeError as exc:
+                raise SystemExit("bare PUTs: %s" % exc)
+            return max(end for _, end in spans) - min(begin for begin, _ in spans)
+        out["bare_put"] = measured(root, puts, n, out)
 
         couch.prepare(dbs[1], n)
         env = dict(os.environ, PICAS_USERNAME=args.user, PICAS_PASSWORD=password)
